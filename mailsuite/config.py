@@ -1,0 +1,228 @@
+"""One typed configuration, loaded from a TOML file with MAILSUITE_* environment overrides.
+
+Every section is a frozen dataclass; the loader checks names and types so that a typo in
+the file is an error naming the file, the line and the option, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, line and option."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    data_dir: str = "var"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""  # empty: sqlite:///<data_dir>/mailsuite.db
+    pool_size: int = 8
+    batch_max: int = 128
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    mx: str = "tcp:2525:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    resolver: str = ""
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    max_command_line: int = 1000
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_connections_per_ip: int = 20
+    max_junk_commands: int = 20
+    idle_timeout: float = 300.0
+    greeting_delay: float = 0.5
+    max_received_headers: int = 60
+
+
+@dataclass(frozen=True)
+class MXConfig:
+    auth_checks: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    allow_plaintext: bool = False
+    bcrypt_rounds: int = 12
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str = ""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    mx: MXConfig = field(default_factory=MXConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+    @property
+    def data_path(self) -> Path:
+        """data_dir; a relative one is taken from the working directory, as twistd runs."""
+        return Path(self.server.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.data_path / 'mailsuite.db'}"
+
+
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "path"
+}
+
+
+def _locate(text: str, section: str, key: str | None) -> int | None:
+    """The 1-based line of `key` inside `[section]` (or of the section header)."""
+    current = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if current == section and key is not None and re.match(rf"^{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def _coerce(value: Any, wanted: type, where: str) -> Any:
+    if wanted is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if wanted is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if wanted is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+def _from_env(raw: str, wanted: type, where: str) -> Any:
+    if wanted is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+    try:
+        return wanted(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: expected {wanted.__name__}, got {raw!r}") from exc
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def load_config(path: str | os.PathLike[str] | None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file at `path` (None: defaults only), then apply MAILSUITE_* overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    text = ""
+    data: dict[str, Any] = {}
+    name = str(path) if path else "<defaults>"
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{name}: not UTF-8 text") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{name}: {exc}") from exc
+
+    sections: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            line = _locate(text, section, None)
+            raise ConfigError(f"{name}:{line}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: [{section}] must be a table")
+        types = _field_types(_SECTIONS[section])
+        parsed = {}
+        for key, value in values.items():
+            where = f"{name}:{_locate(text, section, key)}: option {section}.{key}"
+            if key not in types:
+                raise ConfigError(f"{where}: unknown option")
+            parsed[key] = _coerce(value, types[key], where)
+        sections[section] = parsed
+
+    for section, cls in _SECTIONS.items():
+        for key, wanted in _field_types(cls).items():
+            env_name = f"MAILSUITE_{section}_{key}".upper()
+            if env_name in environ:
+                where = f"environment variable {env_name}"
+                sections.setdefault(section, {})[key] = _from_env(environ[env_name], wanted, where)
+
+    config = Config(path=str(path or ""), **{s: _SECTIONS[s](**v) for s, v in sections.items()})
+    _validate(config, name, text)
+    return config
+
+
+def _validate(config: Config, name: str, text: str) -> None:
+    def fail(section: str, key: str, message: str) -> None:
+        line = _locate(text, section, key)
+        raise ConfigError(f"{name}:{line}: option {section}.{key}: {message}")
+
+    if not config.server.hostname or " " in config.server.hostname:
+        fail("server", "hostname", "must be a host name")
+    url = config.database_url
+    if not (url.startswith("sqlite:") or url.startswith("postgresql")):
+        fail("database", "url", "must be a sqlite:/// or postgresql:// URL")
+    if bool(config.tls.cert) != bool(config.tls.key):
+        fail("tls", "cert" if not config.tls.cert else "key", "cert and key go together")
+    if config.dns.resolver and not re.fullmatch(r"[^\s:]+(:\d+)?|\[[0-9a-fA-F:]+\](:\d+)?",
+                                                config.dns.resolver):
+        fail("dns", "resolver", "must be host or host:port")
+    for key in ("max_command_line", "max_message_size", "max_recipients",
+                "max_connections_per_ip", "max_junk_commands", "max_received_headers"):
+        if getattr(config.smtp, key) < 1:
+            fail("smtp", key, "must be at least 1")
+    if config.smtp.max_command_line < 512:
+        fail("smtp", "max_command_line", "RFC 5321 needs at least 512")
+    if config.database.pool_size < 1 or config.database.batch_max < 1:
+        fail("database", "pool_size" if config.database.pool_size < 1 else "batch_max",
+             "must be at least 1")
+    if not 4 <= config.auth.bcrypt_rounds <= 31:
+        fail("auth", "bcrypt_rounds", "must be between 4 and 31")

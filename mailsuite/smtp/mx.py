@@ -1,0 +1,169 @@
+"""The inbound MX: mail for our domains only, checked, and stored durably before the 250.
+
+Policy lives here (who may receive, relay refusal, loop limits); the protocol machinery is
+server.ESMTPServer; storing is the store's.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import dns.resolver
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mailsuite.addresses import Address
+from mailsuite.config import Config
+from mailsuite.mime import count_fields, remove_fields
+from mailsuite.smtp import authresults
+from mailsuite.smtp.server import ESMTPServer, ESMTPServerFactory, Reply, Transaction
+from mailsuite.store import AsyncStore, Delivery, Resolution
+from mailsuite.store.batcher import Batcher
+
+log = Logger(namespace="mailsuite.mx")
+
+
+@dataclass
+class MXContext:
+    """What every MX session needs besides the listener settings."""
+
+    config: Config
+    store: AsyncStore
+    deliveries: Batcher[Delivery]
+    resolver: dns.resolver.Resolver
+    reactor: Any
+
+
+class MXFactory(ESMTPServerFactory):
+    def __init__(self, context: MXContext, tls_options: Any | None) -> None:
+        super().__init__(context.config.server.hostname, context.config.smtp, tls_options,
+                         clock=context.reactor)
+        self.context = context
+
+    def buildProtocol(self, addr: Any) -> MXServer:
+        proto = MXServer(self.context)
+        proto.factory = self
+        return proto
+
+
+class MXServer(ESMTPServer):
+    service_name = "ESMTP"
+
+    def __init__(self, context: MXContext) -> None:
+        super().__init__()
+        self.context = context
+        self._spf: defer.Deferred | None = None
+
+    # --- MAIL FROM -----------------------------------------------------------------------
+    def check_sender(self, txn: Transaction) -> Reply:
+        if self.context.config.mx.auth_checks:
+            # SPF needs only the envelope: start it now, collect it after DATA.
+            self._spf = self._run(authresults.check_spf, self.peer_ip, txn.sender_text,
+                                  self.helo or "", self.context.config.dns.timeout)
+            self._spf.addErrback(lambda f: authresults.SPFOutcome("temperror", str(f.value)))
+        return Reply(250, "2.1.0", "Ok")
+
+    # --- RCPT TO -------------------------------------------------------------------------
+    def check_recipient(self, txn: Transaction, address: Address) -> Any:
+        if address.is_ip_literal:
+            return self._relay_denied(address)
+        d = self.context.store.resolve(address.normal)
+        d.addCallback(self._resolved, address)
+        return d
+
+    def _resolved(self, resolution: Resolution, address: Address) -> tuple[Reply, Any]:
+        if resolution.kind == "foreign":
+            return self._relay_denied(address)
+        if resolution.kind == "unknown":
+            self._reject_event("unknown recipient", address)
+            return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: "
+                                       "user unknown"), None
+        if resolution.kind == "external":
+            return Reply(451, "4.3.0", f"<{address}>: forwarding outside this server is not "
+                                       "available yet, try again later"), None
+        return Reply(250, "2.1.5", "Ok"), resolution.account_ids
+
+    def _relay_denied(self, address: Address) -> tuple[Reply, None]:
+        self._reject_event("relay denied", address)
+        return Reply(554, "5.7.1", f"<{address}>: Relay access denied"), None
+
+    def _reject_event(self, reason: str, address: Address) -> None:
+        detail = {"reason": reason, "recipient": str(address), "peer": self.peer_ip,
+                  "sender": self.transaction.sender_text if self.transaction else ""}
+        self.context.store.record_event("rejected", detail).addErrback(
+            lambda f: log.failure("recording a rejection failed", failure=f))
+
+    # --- DATA ----------------------------------------------------------------------------
+    def accept_message(self, txn: Transaction, raw: bytes) -> Any:
+        limit = self.context.config.smtp.max_received_headers
+        if count_fields(raw, "Received") >= limit:
+            return Reply(554, "5.4.6", f"Mail loop detected: {limit} Received headers")
+        spf = self._spf or defer.succeed(authresults.SPFOutcome("none", "checks disabled"))
+        self._spf = None
+        d = spf.addCallback(self._authenticate, txn, raw)
+        d.addCallback(self._store, txn)
+        return d
+
+    def _authenticate(self, spf: authresults.SPFOutcome, txn: Transaction,
+                      raw: bytes) -> defer.Deferred | bytes:
+        hostname = self.context.config.server.hostname
+        # An Authentication-Results that claims to be ours but came from outside is forged.
+        raw = remove_fields(raw, lambda f: f.name.lower() == "authentication-results"
+                            and _authserv_id(f.value) == hostname.lower())
+        if not self.context.config.mx.auth_checks:
+            return raw
+        d = self._run(authresults.authentication_results, raw, hostname, self.context.resolver,
+                      self.peer_ip, self.helo or "", txn.sender_text, spf)
+        d.addCallback(lambda header: header.encode("utf-8") + b"\r\n" + raw)
+        return d
+
+    def _store(self, raw: bytes, txn: Transaction) -> defer.Deferred:
+        queue_id = secrets.token_hex(6)
+        trace = self._trace_headers(txn, queue_id)
+        account_ids = sorted({a for _, ids in txn.recipients for a in ids})
+        delivery = Delivery(
+            raw=trace + raw,
+            account_ids=tuple(account_ids),
+            detail={"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
+                    "recipients": [str(a) for a, _ in txn.recipients]},
+        )
+        d = self.context.deliveries.submit(delivery)
+        d.addCallbacks(
+            lambda _: Reply(250, "2.0.0", f"Ok: queued as {queue_id}"),
+            self._store_failed, errbackArgs=(queue_id,))
+        return d
+
+    def _store_failed(self, failure: Any, queue_id: str) -> Reply:
+        log.failure("storing message {queue_id} failed", failure=failure, queue_id=queue_id)
+        return Reply(451, "4.3.0", "Error: could not store the message, try again later")
+
+    def _trace_headers(self, txn: Transaction, queue_id: str) -> bytes:
+        protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        if self.tls:
+            protocol += "S"
+        recipient = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
+        received = (
+            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
+            f"\tby {self.context.config.server.hostname} (mailsuite) with {protocol} "
+            f"id {queue_id}{recipient};\r\n\t{email.utils.formatdate(localtime=False)}\r\n"
+        )
+        return f"Return-Path: <{txn.sender_text}>\r\n{received}".encode()
+
+    def _run(self, fn: Any, *args: Any) -> defer.Deferred:
+        """CPU- and DNS-bound checks run in the reactor's general thread pool."""
+        reactor = self.context.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+
+def _authserv_id(value: str) -> str:
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2), lower-cased."""
+    head = value.split(";", 1)[0]
+    while "(" in head:  # drop CFWS comments
+        start = head.index("(")
+        end = head.find(")", start)
+        head = head[:start] + " " + (head[end + 1:] if end >= 0 else "")
+    words = head.split()
+    return words[0].lower() if words else ""

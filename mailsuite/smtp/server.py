@@ -1,0 +1,506 @@
+"""The ESMTP server protocol shared by the MX and submission listeners.
+
+Written on twisted.internet.protocol rather than twisted.mail.smtp.ESMTP because the latter
+runs pipelined commands before earlier ones have answered, keeps plaintext pipelined after
+STARTTLS, accepts bare LF line ends inside DATA and has no per-IP or junk-command limits.
+Here one command is answered before the next is read, and the listener's policy (who may
+send, who may receive, what happens to a message) is left to a subclass's hooks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from mailsuite.addresses import Address, AddressError, parse_path
+from mailsuite.config import SMTPConfig
+
+log = Logger(namespace="mailsuite.smtp")
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str  # RFC 3463 enhanced status code, e.g. "2.1.0"
+    text: str
+
+    def encode(self) -> bytes:
+        lines = self.text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            status = f"{self.status} " if self.status else ""
+            out.append(f"{self.code}{sep}{status}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... DATA exchange."""
+
+    sender: Address | None = None  # None with null_sender for MAIL FROM:<>
+    null_sender: bool = False
+    smtputf8: bool = False
+    body: str = "7BIT"
+    declared_size: int | None = None
+    recipients: list[tuple[Address, Any]] = field(default_factory=list)  # (address, hook data)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def sender_text(self) -> str:
+        return "" if self.sender is None else str(self.sender)
+
+
+@dataclass
+class SessionLog:
+    transactions: list[str] = field(default_factory=list)
+    rejected: int = 0
+
+
+class ESMTPServerFactory(protocol.ServerFactory):
+    """Holds what all sessions of one listener share: config, TLS options, per-IP counts."""
+
+    def __init__(self, hostname: str, limits: SMTPConfig, tls_options: Any | None,
+                 clock: Any, implicit_tls: bool = False) -> None:
+        self.hostname = hostname
+        self.clock = clock
+        self.limits = limits
+        self.tls_options = tls_options
+        self.implicit_tls = implicit_tls
+        self.connections: dict[str, int] = {}
+
+
+class ESMTPServer(protocol.Protocol, TimeoutMixin):
+    """The protocol machinery; subclasses implement the check_* and accept_message hooks."""
+
+    factory: ESMTPServerFactory
+    service_name = "ESMTP"
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._data: bytearray | None = None  # DATA in progress; starts with a virtual CRLF
+        self._data_scan = 0
+        self._data_overflow = False
+        self._discarding_line = False
+        self._busy = False
+        self._greeted = False
+        self._closing = False
+        self._junk = 0
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls = False
+        self.peer_ip = ""
+        self.transaction: Transaction | None = None
+        self.session_log = SessionLog()
+        self._started = time.monotonic()
+        self._greeting_call: Any = None
+        self._counted = False
+
+    # --- connection ----------------------------------------------------------------------
+    @property
+    def limits(self) -> SMTPConfig:
+        return self.factory.limits
+
+    @property
+    def hostname(self) -> str:
+        return self.factory.hostname
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_ip = getattr(peer, "host", str(peer))
+        self.tls = self.factory.implicit_tls
+        count = self.factory.connections.get(self.peer_ip, 0) + 1
+        if count > self.limits.max_connections_per_ip:
+            self._send(Reply(421, "4.7.0", f"{self.hostname} Too many connections from your "
+                                             "address, try again later"))
+            self._close()
+            return
+        self.factory.connections[self.peer_ip] = count
+        self._counted = True
+        self.setTimeout(self.limits.idle_timeout)
+        if self.limits.greeting_delay > 0:
+            # A client that talks before our greeting is not a conforming SMTP client.
+            self._greeting_call = self.factory.clock.callLater(
+                self.limits.greeting_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greeting_call = None
+        self._greeted = True
+        self._send(Reply(220, "", f"{self.hostname} {self.service_name} mailsuite ready"))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.setTimeout(None)
+        if self._greeting_call is not None and self._greeting_call.active():
+            self._greeting_call.cancel()
+        if self._counted:
+            remaining = self.factory.connections.get(self.peer_ip, 1) - 1
+            if remaining > 0:
+                self.factory.connections[self.peer_ip] = remaining
+            else:
+                self.factory.connections.pop(self.peer_ip, None)
+        log.info(
+            "smtp session {listener} peer={peer} helo={helo} tls={tls} {transactions} "
+            "rejected={rejected} time={elapsed:.3f}s",
+            listener=self.service_name.lower(), peer=self.peer_ip, helo=self.helo or "-",
+            tls="yes" if self.tls else "no",
+            transactions=" ".join(self.session_log.transactions) or "messages=0",
+            rejected=self.session_log.rejected, elapsed=time.monotonic() - self._started,
+        )
+
+    def timeoutConnection(self) -> None:
+        self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+        self._close()
+
+    def _send(self, reply: Reply) -> None:
+        if reply.code >= 400:
+            self.session_log.rejected += 1
+        if self.transport is not None and not self._closing:
+            self.transport.write(reply.encode())
+
+    def _close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    # --- input ---------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._greeted:
+            self._send(Reply(554, "5.5.1", "Protocol error: command sent before the greeting"))
+            self._close()
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        while self._buffer and not self._busy and not self._closing:
+            if self._data is not None:
+                if not self._consume_data():
+                    return
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > self.limits.max_command_line:
+                    self._buffer.clear()
+                    if not self._discarding_line:
+                        self._discarding_line = True
+                        self._junk_reply(Reply(500, "5.5.2", "Line too long"))
+                return
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if self._discarding_line:
+                self._discarding_line = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) + 2 > self.limits.max_command_line:
+                self._junk_reply(Reply(500, "5.5.2", "Line too long"))
+                continue
+            self._dispatch(line)
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._junk_reply(Reply(500, "5.5.2", "Syntax error: command is not UTF-8"))
+            return
+        if "\r" in text or "\x00" in text:
+            self._junk_reply(Reply(500, "5.5.2", "Syntax error: bare CR or NUL in command"))
+            return
+        verb, _, argument = text.strip().partition(" ")
+        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            self._junk_reply(Reply(500, "5.5.2", "Error: command not recognized"))
+            return
+        try:
+            result = handler(argument.strip())
+        except Exception:
+            log.failure("smtp command {verb} failed", verb=verb.upper())
+            result = Reply(451, "4.3.0", "Error: internal error, try again later")
+        if isinstance(result, defer.Deferred):
+            self._busy = True
+            self.transport.pauseProducing()
+            result.addErrback(self._internal_error)
+            result.addCallback(self._deferred_reply)
+        elif result is not None:
+            self._send(result)
+
+    def _internal_error(self, failure: Any) -> Reply:
+        log.failure("smtp hook failed", failure=failure)
+        return Reply(451, "4.3.0", "Error: internal error, try again later")
+
+    def _deferred_reply(self, reply: Reply | None) -> None:
+        self._busy = False
+        if self.transport is None or self._closing:
+            return
+        if reply is not None:
+            self._send(reply)
+        self.transport.resumeProducing()
+        self._process()
+
+    def _junk_reply(self, reply: Reply) -> None:
+        """An error reply that counts towards the junk-command limit."""
+        self._junk += 1
+        self._send(reply)
+        if self._junk >= self.limits.max_junk_commands:
+            self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+            self._close()
+
+    # --- commands ------------------------------------------------------------------------
+    def extensions(self) -> list[str]:
+        exts = [f"SIZE {self.limits.max_message_size}", "PIPELINING", "8BITMIME", "SMTPUTF8",
+                "ENHANCEDSTATUSCODES"]
+        if self.factory.tls_options is not None and not self.tls:
+            exts.append("STARTTLS")
+        return exts
+
+    def smtp_HELO(self, argument: str) -> Reply:
+        if not argument or " " in argument:
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: HELO hostname"))
+        self.helo, self.esmtp, self.transaction = argument, False, None
+        return Reply(250, "", self.hostname)
+
+    def smtp_EHLO(self, argument: str) -> Reply:
+        if not argument or " " in argument:
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
+        self.helo, self.esmtp, self.transaction = argument, True, None
+        return Reply(250, "", "\n".join([self.hostname, *self.extensions()]))
+
+    def smtp_NOOP(self, argument: str) -> Reply:
+        return self._junk_and(Reply(250, "2.0.0", "Ok"))
+
+    def smtp_HELP(self, argument: str) -> Reply:
+        return self._junk_and(Reply(214, "2.0.0", "See RFC 5321"))
+
+    def smtp_VRFY(self, argument: str) -> Reply:
+        return self._junk_and(Reply(252, "2.5.0", "Cannot VRFY user; send mail and see"))
+
+    def smtp_RSET(self, argument: str) -> Reply:
+        self.transaction = None
+        return self._junk_and(Reply(250, "2.0.0", "Ok"))
+
+    def smtp_QUIT(self, argument: str) -> None:
+        self._send(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
+        self._close()
+
+    def smtp_STARTTLS(self, argument: str) -> Reply | None:
+        if self.tls:
+            return self._junk_and(Reply(503, "5.5.1", "Error: TLS already active"))
+        if self.factory.tls_options is None:
+            return self._junk_and(Reply(502, "5.5.1", "Error: command not implemented"))
+        if argument:
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        # RFC 3207 4.2: forget everything, including commands pipelined in plaintext.
+        self._buffer.clear()
+        self.helo, self.esmtp, self.transaction = None, False, None
+        self.transport.startTLS(self.factory.tls_options)
+        self.tls = True
+        return None
+
+    def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred:
+        if self.helo is None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
+        if self.transaction is not None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: nested MAIL command"))
+        if not argument.upper().startswith("FROM:"):
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+        path, params = _split_path(argument[5:])
+        txn = Transaction()
+        for name, value in params:
+            problem = self._mail_parameter(txn, name, value)
+            if problem is not None:
+                return problem
+        try:
+            txn.sender = parse_path(path)
+        except AddressError as exc:
+            return self._junk_and(Reply(553, "5.1.7", f"Bad sender address syntax: {exc}"))
+        txn.null_sender = txn.sender is None
+        if txn.sender is not None and not txn.sender.is_ascii and not txn.smtputf8:
+            return Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+        if txn.declared_size is not None and txn.declared_size > self.limits.max_message_size:
+            return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        return self._chain(self.check_sender(txn), self._sender_checked, txn)
+
+    def _mail_parameter(self, txn: Transaction, name: str, value: str | None) -> Reply | None:
+        if not self.esmtp:
+            return self._junk_and(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
+        if name == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
+            txn.declared_size = int(value)
+        elif name == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+            txn.body = value.upper()
+        elif name == "SMTPUTF8" and value is None:
+            txn.smtputf8 = True
+        else:
+            return self._junk_and(Reply(555, "5.5.4", f"Unsupported MAIL parameter {name}"))
+        return None
+
+    def _sender_checked(self, reply: Reply, txn: Transaction) -> Reply:
+        if reply.ok:
+            self.transaction = txn
+        return reply
+
+    def smtp_RCPT(self, argument: str) -> Reply | defer.Deferred:
+        txn = self.transaction
+        if txn is None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: need MAIL command"))
+        if not argument.upper().startswith("TO:"):
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
+        path, params = _split_path(argument[3:])
+        if params:
+            return self._junk_and(Reply(555, "5.5.4", f"Unsupported RCPT parameter {params[0][0]}"))
+        try:
+            address = parse_path(path)
+        except AddressError as exc:
+            return self._junk_and(Reply(501, "5.1.3", f"Bad recipient address syntax: {exc}"))
+        if address is None:
+            return self._junk_and(Reply(501, "5.1.3", "Bad recipient address syntax"))
+        if not address.is_ascii and not txn.smtputf8:
+            return Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+        if len(txn.recipients) >= self.limits.max_recipients:
+            return Reply(452, "4.5.3", "Error: too many recipients")
+        return self._chain(self.check_recipient(txn, address), self._recipient_checked,
+                           txn, address)
+
+    def _recipient_checked(self, result: tuple[Reply, Any], txn: Transaction,
+                           address: Address) -> Reply:
+        reply, data = result
+        if reply.ok and txn is self.transaction:
+            txn.recipients.append((address, data))
+        return reply
+
+    def smtp_DATA(self, argument: str) -> Reply | None:
+        txn = self.transaction
+        if txn is None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: need MAIL command"))
+        if not txn.recipients:
+            return self._junk_and(Reply(554, "5.5.1", "Error: no valid recipients"))
+        if argument:
+            return self._junk_and(Reply(501, "5.5.4", "Syntax: DATA"))
+        self._data = bytearray(b"\r\n")
+        self._data_scan = 0
+        self._data_overflow = False
+        self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        return None
+
+    def smtp_BDAT(self, argument: str) -> Reply:
+        return self._junk_and(Reply(502, "5.5.1", "Error: CHUNKING is not offered"))
+
+    # --- DATA ----------------------------------------------------------------------------
+    def _consume_data(self) -> bool:
+        """Move buffered input into the message; True once end-of-data was seen."""
+        assert self._data is not None
+        self._data += self._buffer
+        self._buffer.clear()
+        end = self._data.find(b"\r\n.\r\n", self._data_scan)
+        if end < 0:
+            self._data_scan = max(0, len(self._data) - 4)
+            if len(self._data) > self.limits.max_message_size + 4096:
+                # Keep reading to the end marker, but stop keeping what we read.
+                self._data_overflow = True
+                del self._data[: len(self._data) - 4]
+                self._data_scan = 0
+            return False
+        self._buffer += self._data[end + 5:]
+        body = bytes(self._data[2: end + 2])
+        overflow = self._data_overflow
+        self._data = None
+        self._finish_data(body, overflow)
+        return True
+
+    def _finish_data(self, body: bytes, overflow: bool) -> None:
+        txn, self.transaction = self.transaction, None
+        assert txn is not None
+        if overflow or len(body) > self.limits.max_message_size:
+            self._send(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+            self._note(txn, 552, len(body))
+            return
+        crlf = body.count(b"\r\n")
+        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+            # RFC 5321 2.3.8: only CRLF ends a line; a bare CR or LF is how smuggling starts.
+            self._send(Reply(550, "5.6.0", "Message refused: bare CR or LF in message; "
+                                           "lines must end with CRLF"))
+            self._note(txn, 550, len(body))
+            return
+        raw = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]  # undo dot-stuffing
+        d = self._chain(self.accept_message(txn, raw), lambda reply: reply)
+        if isinstance(d, defer.Deferred):
+            self._busy = True
+            self.transport.pauseProducing()
+            d.addCallback(lambda reply: self._note(txn, reply.code, len(raw)) or reply)
+            d.addErrback(self._internal_error)
+            d.addCallback(self._deferred_reply)
+
+    def _note(self, txn: Transaction, code: int, size: int) -> None:
+        self.session_log.transactions.append(
+            f"from=<{txn.sender_text}> rcpts={len(txn.recipients)} size={size} result={code}")
+
+    # --- helpers -------------------------------------------------------------------------
+    def _junk_and(self, reply: Reply) -> Reply:
+        """Count towards the junk limit (syntax errors, sequence errors, NOOP floods)."""
+        self._junk += 1
+        if self._junk >= self.limits.max_junk_commands:
+            self._send(reply)
+            self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+            self._close()
+        return reply
+
+    @staticmethod
+    def _chain(result: Any, then: Any, *args: Any) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: result).addCallback(then, *args)
+
+    # --- hooks ---------------------------------------------------------------------------
+    def check_sender(self, txn: Transaction) -> Reply | defer.Deferred:
+        """Decide MAIL FROM; txn.sender is parsed already."""
+        raise NotImplementedError
+
+    def check_recipient(self, txn: Transaction,
+                        address: Address) -> tuple[Reply, Any] | defer.Deferred:
+        """Decide RCPT TO: (reply, data kept with the recipient when accepted)."""
+        raise NotImplementedError
+
+    def accept_message(self, txn: Transaction, raw: bytes) -> Reply | defer.Deferred:
+        """Store or queue the message; reply 250 only once it is committed."""
+        raise NotImplementedError
+
+
+def _split_path(text: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """Split `<path> PARAM=value ...` (RFC 5321 4.1.2), tolerating a space after the colon."""
+    text = text.lstrip()
+    if text.startswith("<"):
+        end = _path_end(text)
+        path, rest = text[: end + 1], text[end + 1:]
+    else:
+        path, _, rest = text.partition(" ")
+    params = []
+    for word in rest.split():
+        name, sep, value = word.partition("=")
+        params.append((name.upper(), value if sep else None))
+    return path, params
+
+
+def _path_end(text: str) -> int:
+    """Index of the `>` closing the path, skipping quoted strings."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return len(text) - 1

@@ -1,0 +1,57 @@
+"""The mail store: every protocol reads and writes mail through this package only.
+
+`Store` methods are blocking; the server calls them through `AsyncStore`, which runs them in
+the store's thread pool so the reactor never waits on the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+from mailsuite.store.directory import AccountRow, DirectoryMixin, Resolution
+from mailsuite.store.engine import Database
+from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
+from mailsuite.store.events import Event, EventsMixin
+from mailsuite.store.mail import Delivered, Delivery, MailMixin, StoredMessage
+
+__all__ = [
+    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "InUse",
+    "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
+]
+
+
+class Store(DirectoryMixin, MailMixin, EventsMixin):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def open_store(url: str, pool_size: int = 8, migrate: bool = True) -> Store:
+    """Connect, and bring the schema up to date (Alembic) unless told not to."""
+    db = Database(url, pool_size=pool_size)
+    if migrate:
+        db.migrate()
+    return Store(db)
+
+
+class AsyncStore:
+    """The same methods as Store, each returning a Deferred that fires in the reactor thread."""
+
+    def __init__(self, store: Store, pool: ThreadPool, reactor: Any) -> None:
+        self.store = store
+        self.pool = pool
+        self.reactor = reactor
+
+    def __getattr__(self, name: str) -> Callable[..., defer.Deferred]:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> defer.Deferred:
+            return threads.deferToThreadPool(self.reactor, self.pool, method, *args, **kwargs)
+
+        return call

@@ -1,0 +1,257 @@
+"""Domains, accounts and aliases: who we receive mail for."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from mailsuite.addresses import parse_account_address, parse_domain
+from mailsuite.store import schema as t
+from mailsuite.store.engine import Database
+from mailsuite.store.errors import Conflict, InUse, NotFound
+
+# An alias may point at another alias; this bounds the chain (and breaks loops).
+MAX_ALIAS_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where mail for one address goes.
+
+    kind: "local" (account_ids set), "unknown" (our domain, no such address),
+    "external" (an alias leads outside our domains), "foreign" (not our domain).
+    """
+
+    kind: str
+    account_ids: tuple[int, ...] = ()
+    external: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    id: int
+    address: str
+    password_hash: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DirectoryMixin:
+    db: Database
+
+    # --- domains -------------------------------------------------------------------------
+    def domain_add(self, name: str) -> None:
+        name = parse_domain(name)
+        try:
+            with self.db.write() as conn:
+                conn.execute(insert(t.domains).values(name=name, created_at=_now()))
+        except IntegrityError as exc:
+            raise Conflict(f"domain {name} exists already") from exc
+
+    def domain_list(self) -> list[tuple[str, int]]:
+        """(domain, number of accounts), sorted by name."""
+        query = (
+            select(t.domains.c.name, func.count(t.accounts.c.id))
+            .select_from(t.domains.outerjoin(t.accounts))
+            .group_by(t.domains.c.name)
+            .order_by(t.domains.c.name)
+        )
+        with self.db.read() as conn:
+            return [(name, count) for name, count in conn.execute(query)]
+
+    def domain_remove(self, name: str, force: bool = False) -> None:
+        name = parse_domain(name)
+        with self.db.write() as conn:
+            domain_id = self._domain_id(conn, name)
+            account_ids = conn.scalars(
+                select(t.accounts.c.id).where(t.accounts.c.domain_id == domain_id)
+            ).all()
+            if account_ids and not force:
+                raise InUse(f"domain {name} still has {len(account_ids)} account(s); use --force")
+            for account_id in account_ids:
+                self._delete_account(conn, account_id)
+            conn.execute(delete(t.domains).where(t.domains.c.id == domain_id))
+
+    def is_local_domain(self, name: str) -> bool:
+        with self.db.read() as conn:
+            return self._find_domain(conn, name.lower().rstrip(".")) is not None
+
+    # --- accounts ------------------------------------------------------------------------
+    def account_add(self, address: str, password_hash: str) -> int:
+        parsed = parse_account_address(address)
+        try:
+            with self.db.write() as conn:
+                domain_id = self._domain_id(conn, parsed.domain)
+                account_id = conn.execute(
+                    insert(t.accounts)
+                    .values(domain_id=domain_id, address=parsed.normal,
+                            password_hash=password_hash, created_at=_now())
+                    .returning(t.accounts.c.id)
+                ).scalar_one()
+                self._create_default_mailboxes(conn, account_id)
+                return account_id
+        except IntegrityError as exc:
+            raise Conflict(f"account {parsed.normal} exists already") from exc
+
+    def account_list(self, domain: str | None = None) -> list[str]:
+        query = select(t.accounts.c.address).order_by(t.accounts.c.address)
+        with self.db.read() as conn:
+            if domain:
+                query = query.where(t.accounts.c.domain_id == self._domain_id(
+                    conn, parse_domain(domain)))
+            return list(conn.scalars(query))
+
+    def account_get(self, address: str) -> AccountRow | None:
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(t.accounts.c.id, t.accounts.c.address, t.accounts.c.password_hash)
+                .where(t.accounts.c.address == address.lower())
+            ).first()
+        return AccountRow(*row) if row else None
+
+    def account_set_password(self, address: str, password_hash: str) -> None:
+        parsed = parse_account_address(address)
+        with self.db.write() as conn:
+            done = conn.execute(
+                update(t.accounts).where(t.accounts.c.address == parsed.normal)
+                .values(password_hash=password_hash)
+            ).rowcount
+        if not done:
+            raise NotFound(f"no account {parsed.normal}")
+
+    def account_remove(self, address: str) -> None:
+        parsed = parse_account_address(address)
+        with self.db.write() as conn:
+            account_id = conn.scalar(
+                select(t.accounts.c.id).where(t.accounts.c.address == parsed.normal))
+            if account_id is None:
+                raise NotFound(f"no account {parsed.normal}")
+            self._delete_account(conn, account_id)
+
+    # --- aliases -------------------------------------------------------------------------
+    def alias_add(self, source: str, destinations: list[str]) -> None:
+        """source is local@domain or @domain (catch-all); destinations are any addresses."""
+        source_key, domain = self._alias_source(source)
+        dests = sorted({parse_account_address(d).normal for d in destinations})
+        if not dests:
+            raise ValueError("an alias needs at least one destination")
+        with self.db.write() as conn:
+            domain_id = self._domain_id(conn, domain)
+            taken = conn.scalar(select(t.accounts.c.id).where(t.accounts.c.address == source_key))
+            if taken is not None:
+                raise Conflict(f"{source_key} is an account; an alias cannot shadow it")
+            existing = set(conn.scalars(
+                select(t.aliases.c.destination).where(t.aliases.c.source == source_key)))
+            new = [d for d in dests if d not in existing]
+            if not new:
+                raise Conflict(f"alias {source_key} already has those destinations")
+            conn.execute(insert(t.aliases), [
+                {"domain_id": domain_id, "source": source_key, "destination": d} for d in new
+            ])
+
+    def alias_list(self) -> list[tuple[str, list[str]]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(t.aliases.c.source, t.aliases.c.destination)
+                .order_by(t.aliases.c.source, t.aliases.c.destination)
+            ).all()
+        grouped: dict[str, list[str]] = {}
+        for source, destination in rows:
+            grouped.setdefault(source, []).append(destination)
+        return list(grouped.items())
+
+    def alias_remove(self, source: str) -> None:
+        source_key, _ = self._alias_source(source)
+        with self.db.write() as conn:
+            if not conn.execute(delete(t.aliases).where(t.aliases.c.source == source_key)).rowcount:
+                raise NotFound(f"no alias {source_key}")
+
+    # --- resolution ----------------------------------------------------------------------
+    def resolve(self, address: str) -> Resolution:
+        """Where mail for `address` (already a parsed, normal local@domain) goes."""
+        with self.db.read() as conn:
+            local, _, domain = address.lower().rpartition("@")
+            if self._find_domain(conn, domain) is None:
+                return Resolution("foreign")
+            accounts: list[int] = []
+            external: list[str] = []
+            if not self._expand(conn, f"{local}@{domain}", accounts, external, set(), 0):
+                return Resolution("unknown")
+        return Resolution("external" if external else "local",
+                          tuple(dict.fromkeys(accounts)), tuple(dict.fromkeys(external)))
+
+    def _expand(self, conn: Connection, address: str, accounts: list[int], external: list[str],
+                seen: set[str], depth: int) -> bool:
+        if address in seen or depth > MAX_ALIAS_DEPTH:
+            return True  # a loop or a long chain ends here; what was found so far stands
+        seen.add(address)
+        account_id = conn.scalar(select(t.accounts.c.id).where(t.accounts.c.address == address))
+        if account_id is not None:
+            accounts.append(account_id)
+            return True
+        domain = address.rpartition("@")[2]
+        targets = conn.scalars(
+            select(t.aliases.c.destination).where(t.aliases.c.source == address)).all()
+        if not targets:
+            targets = conn.scalars(
+                select(t.aliases.c.destination).where(t.aliases.c.source == "@" + domain)).all()
+        if not targets:
+            return False
+        for target in targets:
+            if self._find_domain(conn, target.rpartition("@")[2]) is None:
+                external.append(target)
+            elif not self._expand(conn, target, accounts, external, seen, depth + 1):
+                return False
+        return True
+
+    # --- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _alias_source(source: str) -> tuple[str, str]:
+        source = source.strip()
+        if source.startswith("@"):
+            domain = parse_domain(source[1:])
+            return "@" + domain, domain
+        parsed = parse_account_address(source)
+        return parsed.normal, parsed.domain
+
+    @staticmethod
+    def _find_domain(conn: Connection, name: str) -> int | None:
+        return conn.scalar(select(t.domains.c.id).where(t.domains.c.name == name))
+
+    def _domain_id(self, conn: Connection, name: str) -> int:
+        domain_id = self._find_domain(conn, name)
+        if domain_id is None:
+            raise NotFound(f"unknown domain {name}")
+        return domain_id
+
+    @staticmethod
+    def _create_default_mailboxes(conn: Connection, account_id: int) -> None:
+        uidvalidity = int(time.time()) & 0x7FFFFFFF
+        conn.execute(insert(t.mailboxes), [
+            {"account_id": account_id, "name": name, "special_use": special,
+             "uidvalidity": uidvalidity, "uidnext": 1, "highestmodseq": 1, "subscribed": True}
+            for name, special in t.DEFAULT_MAILBOXES
+        ])
+
+    @staticmethod
+    def _delete_account(conn: Connection, account_id: int) -> None:
+        mailbox_ids = select(t.mailboxes.c.id).where(t.mailboxes.c.account_id == account_id)
+        blob_ids = select(t.messages.c.blob_id).where(t.messages.c.mailbox_id.in_(mailbox_ids))
+        orphan_candidates = set(conn.scalars(blob_ids))
+        conn.execute(delete(t.messages).where(t.messages.c.mailbox_id.in_(mailbox_ids)))
+        conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
+        conn.execute(update(t.events).where(t.events.c.account_id == account_id)
+                     .values(account_id=None))
+        conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
+        if orphan_candidates:
+            still_used = set(conn.scalars(select(t.messages.c.blob_id).where(
+                t.messages.c.blob_id.in_(orphan_candidates))))
+            orphans = orphan_candidates - still_used
+            if orphans:
+                conn.execute(delete(t.blobs).where(t.blobs.c.id.in_(orphans)))

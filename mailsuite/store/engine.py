@@ -1,0 +1,103 @@
+"""Database engines for SQLite and PostgreSQL, transactions, and migrations at start."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+# Any constant will do: it only has to be the same in every mailsuite process.
+_MIGRATION_LOCK_KEY = 0x6D61696C  # "mail"
+
+
+class Database:
+    """An engine plus the two kinds of transaction the store uses.
+
+    SQLite allows one writer at a time: writes take BEGIN IMMEDIATE (so a transaction never
+    fails half-way on a lock upgrade) under a process-wide lock (so our own threads queue here
+    instead of spinning in SQLite's busy handler).
+    """
+
+    def __init__(self, url: str, pool_size: int = 8) -> None:
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 defaults to psycopg 3; we ship psycopg2.
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+            url = parsed.render_as_string(hide_password=False)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._write_lock = threading.Lock() if self.is_sqlite else None
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                pool_size=pool_size,
+                max_overflow=0,
+            )
+            _configure_sqlite(self.engine)
+        else:
+            self.engine = create_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction that commits on success and rolls back on any exception."""
+        lock = self._write_lock or contextlib.nullcontext()
+        with lock, self.engine.connect() as conn:
+            conn = conn.execution_options(mailsuite_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction (a consistent snapshot on both databases)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; safe with several processes starting at once."""
+        alembic_cfg = AlembicConfig()
+        alembic_cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                conn.commit()
+            try:
+                alembic_cfg.attributes["connection"] = conn
+                command.upgrade(alembic_cfg, "head")
+                conn.commit()
+            finally:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                    conn.commit()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # Take transaction control from the sqlite3 module so BEGIN is ours (see "begin").
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("mailsuite_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

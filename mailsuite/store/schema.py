@@ -1,0 +1,117 @@
+"""The mail store's tables (SQLAlchemy Core), identical on PostgreSQL and SQLite.
+
+This is the schema as the code expects it now; migrations/versions/ builds it step by step.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements INTEGER PRIMARY KEY; BigInteger elsewhere.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# The special-use folders (RFC 6154) every account starts with, in display order.
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+    ("Archive", "\\Archive"),
+)
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("domain_id", Id, ForeignKey("domains.id", ondelete="RESTRICT"), nullable=False),
+    Column("address", String(320), nullable=False, unique=True),  # lower-cased local@domain
+    Column("password_hash", String(100), nullable=False),
+    Column("quota_bytes", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("account_id", Id, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(1000), nullable=False),
+    Column("special_use", String(20), nullable=True),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uidnext", BigInteger, nullable=False, default=1),
+    Column("highestmodseq", BigInteger, nullable=False, default=1),
+    Column("subscribed", Boolean, nullable=False, default=True),
+    UniqueConstraint("account_id", "name", name="uq_mailboxes_account_name"),
+)
+
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index("ix_blobs_sha256", "sha256"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("mailbox_id", Id, ForeignKey("mailboxes.id", ondelete="CASCADE"), nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+    Column("flags", Text, nullable=False, default=""),  # space-separated, e.g. "\\Seen $Label1"
+    Column("internal_date", DateTime(timezone=True), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("blob_id", Id, ForeignKey("blobs.id", ondelete="RESTRICT"), nullable=False),
+    UniqueConstraint("mailbox_id", "uid", name="uq_messages_mailbox_uid"),
+    Index("ix_messages_blob", "blob_id"),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("domain_id", Id, ForeignKey("domains.id", ondelete="CASCADE"), nullable=False),
+    Column("source", String(320), nullable=False),  # "local@domain", or "@domain" for a catch-all
+    Column("destination", String(320), nullable=False),
+    UniqueConstraint("source", "destination", name="uq_aliases_source_destination"),
+    Index("ix_aliases_source", "source"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(32), nullable=False),  # received, rejected, ...
+    Column("account_id", Id, ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True),
+    Column("detail", Text, nullable=False),  # JSON
+    Index("ix_events_account", "account_id", "id"),
+)
