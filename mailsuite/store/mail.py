@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, update
 
 from mailsuite.store import schema as t
 from mailsuite.store.engine import Database
@@ -38,6 +38,7 @@ class StoredMessage:
     flags: str
     internal_date: datetime
     size: int
+    blob_id: int
     raw: bytes
 
 
@@ -104,19 +105,24 @@ class MailMixin:
             uids.append((account_id, uid))
         return Delivered(blob_id, tuple(uids))
 
+    def blob_count(self) -> int:
+        with self.db.read() as conn:
+            return conn.scalar(select(func.count()).select_from(t.blobs))
+
     def messages(self, address: str, mailbox: str = "INBOX") -> list[StoredMessage]:
         """Every message in one mailbox of one account, by UID."""
         query = (
             select(t.messages.c.uid, t.messages.c.modseq, t.messages.c.flags,
-                   t.messages.c.internal_date, t.messages.c.size, t.blobs.c.data)
+                   t.messages.c.internal_date, t.messages.c.size, t.messages.c.blob_id,
+                   t.blobs.c.data)
             .select_from(t.messages.join(t.blobs).join(t.mailboxes).join(t.accounts))
             .where(and_(t.accounts.c.address == address.lower(), t.mailboxes.c.name == mailbox))
             .order_by(t.messages.c.uid)
         )
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        return [StoredMessage(uid, modseq, flags, _utc(date), size, raw)
-                for uid, modseq, flags, date, size, raw in rows]
+        return [StoredMessage(uid, modseq, flags, _utc(date), size, blob_id, raw)
+                for uid, modseq, flags, date, size, blob_id, raw in rows]
 
 
 def _utc(value: datetime) -> datetime:

@@ -1,0 +1,139 @@
+"""Start the real mailsuite service (`twistd -n mailsuite`) on free loopback ports for tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mailsuite.passwords import hash_password
+from mailsuite.store import Store, open_store
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOSTNAME = "mx.mailsuite.test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+class Mailsuite:
+    """One mailsuite process with its own config, data dir and ports."""
+
+    def __init__(self, workdir: Path, db_url: str, dns_address: str,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.workdir = workdir
+        self.db_url = db_url
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ports = {"mx": free_port()}
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
+            "database": {"url": db_url, "pool_size": 4},
+            "listen": {"mx": f"tcp:{self.ports['mx']}:interface=127.0.0.1"},
+            "dns": {"resolver": dns_address, "timeout": 1.0},
+            "smtp": {"greeting_delay": 0.05},
+            "auth": {"bcrypt_rounds": 4},
+        }
+        for section, values in (overrides or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path = workdir / "mailsuite.toml"
+        write_config(self.config_path, sections)
+        self.log_path = workdir / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._store: Store | None = None
+
+    @property
+    def mx(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["mx"])
+
+    @property
+    def store(self) -> Store:
+        """The same store the server uses, opened in the test process."""
+        if self._store is None:
+            self._store = open_store(self.db_url, pool_size=2, migrate=False)
+        return self._store
+
+    def command(self) -> list[str]:
+        twistd = str(Path(sys.executable).parent / "twistd")
+        return [twistd, "-n", "--pidfile=", "--logfile",
+                str(self.log_path), "mailsuite", "--config", str(self.config_path)]
+
+    def start(self, timeout: float = 30.0) -> Mailsuite:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.workdir / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(self.command(), cwd=self.workdir, env=env,
+                                            stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n"
+                                   f"{self.log()}")
+            if "MXFactory starting on" in self.log():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"mailsuite did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def log(self) -> str:
+        text = ""
+        for name in ("twistd.log", "stderr.log"):
+            path = self.workdir / name
+            if path.exists():
+                text += path.read_text(encoding="utf-8", errors="replace")
+        return text
+
+    # --- test data -----------------------------------------------------------------------
+    def new_domain(self) -> str:
+        domain = f"d{secrets.token_hex(4)}.test"
+        self.store.domain_add(domain)
+        return domain
+
+    def new_account(self, domain: str | None = None, password: str = "correct horse") -> str:
+        domain = domain or self.new_domain()
+        address = f"u{secrets.token_hex(4)}@{domain}"
+        self.store.account_add(address, hash_password(password, rounds=4))
+        return address
+
+    def inbox(self, address: str) -> list[bytes]:
+        return [m.raw for m in self.store.messages(address)]
