@@ -92,6 +92,8 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self._data_overflow = False
         self._discarding_line = False
         self._busy = False
+        self._processing = False
+        self._lost = False
         self._greeted = False
         self._closing = False
         self._junk = 0
@@ -140,6 +142,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(Reply(220, "", f"{self.hostname} {self.service_name} mailsuite ready"))
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True
         self.setTimeout(None)
         if self._greeting_call is not None and self._greeting_call.active():
             self._greeting_call.cancel()
@@ -185,6 +188,15 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
+        if self._processing:
+            return  # a hook answered synchronously inside the loop below; it carries on
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+
+    def _process_buffer(self) -> None:
         while self._buffer and not self._busy and not self._closing:
             if self._data is not None:
                 if not self._consume_data():
@@ -243,7 +255,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
 
     def _deferred_reply(self, reply: Reply | None) -> None:
         self._busy = False
-        if self.transport is None or self._closing:
+        if self._lost or self._closing:
             return
         if reply is not None:
             self._send(reply)
@@ -251,12 +263,9 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self._process()
 
     def _junk_reply(self, reply: Reply) -> None:
-        """An error reply that counts towards the junk-command limit."""
-        self._junk += 1
-        self._send(reply)
-        if self._junk >= self.limits.max_junk_commands:
-            self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
-            self._close()
+        answer = self._junk_and(reply)
+        if answer is not None:
+            self._send(answer)
 
     # --- commands ------------------------------------------------------------------------
     def extensions(self) -> list[str]:
@@ -266,28 +275,28 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
             exts.append("STARTTLS")
         return exts
 
-    def smtp_HELO(self, argument: str) -> Reply:
+    def smtp_HELO(self, argument: str) -> Reply | None:
         if not argument or " " in argument:
             return self._junk_and(Reply(501, "5.5.4", "Syntax: HELO hostname"))
         self.helo, self.esmtp, self.transaction = argument, False, None
         return Reply(250, "", self.hostname)
 
-    def smtp_EHLO(self, argument: str) -> Reply:
+    def smtp_EHLO(self, argument: str) -> Reply | None:
         if not argument or " " in argument:
             return self._junk_and(Reply(501, "5.5.4", "Syntax: EHLO hostname"))
         self.helo, self.esmtp, self.transaction = argument, True, None
         return Reply(250, "", "\n".join([self.hostname, *self.extensions()]))
 
-    def smtp_NOOP(self, argument: str) -> Reply:
+    def smtp_NOOP(self, argument: str) -> Reply | None:
         return self._junk_and(Reply(250, "2.0.0", "Ok"))
 
-    def smtp_HELP(self, argument: str) -> Reply:
+    def smtp_HELP(self, argument: str) -> Reply | None:
         return self._junk_and(Reply(214, "2.0.0", "See RFC 5321"))
 
-    def smtp_VRFY(self, argument: str) -> Reply:
+    def smtp_VRFY(self, argument: str) -> Reply | None:
         return self._junk_and(Reply(252, "2.5.0", "Cannot VRFY user; send mail and see"))
 
-    def smtp_RSET(self, argument: str) -> Reply:
+    def smtp_RSET(self, argument: str) -> Reply | None:
         self.transaction = None
         return self._junk_and(Reply(250, "2.0.0", "Ok"))
 
@@ -310,7 +319,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self.tls = True
         return None
 
-    def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred:
+    def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred | None:
         if self.helo is None:
             return self._junk_and(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
         if self.transaction is not None:
@@ -322,7 +331,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         for name, value in params:
             problem = self._mail_parameter(txn, name, value)
             if problem is not None:
-                return problem
+                return self._junk_and(problem)
         try:
             txn.sender = parse_path(path)
         except AddressError as exc:
@@ -335,8 +344,9 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         return self._chain(self.check_sender(txn), self._sender_checked, txn)
 
     def _mail_parameter(self, txn: Transaction, name: str, value: str | None) -> Reply | None:
+        """Apply one MAIL parameter (RFC 1870, 6152, 6531); the error reply if unacceptable."""
         if not self.esmtp:
-            return self._junk_and(Reply(555, "5.5.4", "MAIL parameters need EHLO"))
+            return Reply(555, "5.5.4", "MAIL parameters need EHLO")
         if name == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
             txn.declared_size = int(value)
         elif name == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
@@ -344,7 +354,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         elif name == "SMTPUTF8" and value is None:
             txn.smtputf8 = True
         else:
-            return self._junk_and(Reply(555, "5.5.4", f"Unsupported MAIL parameter {name}"))
+            return Reply(555, "5.5.4", f"Unsupported MAIL parameter {name}")
         return None
 
     def _sender_checked(self, reply: Reply, txn: Transaction) -> Reply:
@@ -352,7 +362,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
             self.transaction = txn
         return reply
 
-    def smtp_RCPT(self, argument: str) -> Reply | defer.Deferred:
+    def smtp_RCPT(self, argument: str) -> Reply | defer.Deferred | None:
         txn = self.transaction
         if txn is None:
             return self._junk_and(Reply(503, "5.5.1", "Error: need MAIL command"))
@@ -395,7 +405,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         return None
 
-    def smtp_BDAT(self, argument: str) -> Reply:
+    def smtp_BDAT(self, argument: str) -> Reply | None:
         return self._junk_and(Reply(502, "5.5.1", "Error: CHUNKING is not offered"))
 
     # --- DATA ----------------------------------------------------------------------------
@@ -448,14 +458,18 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
             f"from=<{txn.sender_text}> rcpts={len(txn.recipients)} size={size} result={code}")
 
     # --- helpers -------------------------------------------------------------------------
-    def _junk_and(self, reply: Reply) -> Reply:
-        """Count towards the junk limit (syntax errors, sequence errors, NOOP floods)."""
+    def _junk_and(self, reply: Reply) -> Reply | None:
+        """Count towards the junk limit (syntax and sequence errors, NOOP floods).
+
+        Returns the reply to send, or None once the limit closed the session.
+        """
         self._junk += 1
-        if self._junk >= self.limits.max_junk_commands:
-            self._send(reply)
-            self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
-            self._close()
-        return reply
+        if self._junk < self.limits.max_junk_commands:
+            return reply
+        self._send(reply)
+        self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
+        self._close()
+        return None
 
     @staticmethod
     def _chain(result: Any, then: Any, *args: Any) -> defer.Deferred:
