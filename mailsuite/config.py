@@ -35,6 +35,8 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class ListenConfig:
     mx: str = "tcp:2525:interface=127.0.0.1"
+    pop3: str = "tcp:1110:interface=127.0.0.1"
+    pop3s: str = "tcp:1995:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,12 @@ class MXConfig:
 
 
 @dataclass(frozen=True)
+class POP3Config:
+    idle_timeout: float = 600.0
+    max_connections_per_ip: int = 20
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     allow_plaintext: bool = False
     bcrypt_rounds: int = 12
@@ -82,6 +90,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     mx: MXConfig = field(default_factory=MXConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
@@ -221,6 +230,10 @@ def _validate(config: Config, name: str, text: str) -> None:
             fail("smtp", key, "must be at least 1")
     if config.smtp.max_command_line < 512:
         fail("smtp", "max_command_line", "RFC 5321 needs at least 512")
+    if config.pop3.idle_timeout <= 0:
+        fail("pop3", "idle_timeout", "must be positive")
+    if config.pop3.max_connections_per_ip < 1:
+        fail("pop3", "max_connections_per_ip", "must be at least 1")
     if config.database.pool_size < 1 or config.database.batch_max < 1:
         fail("database", "pool_size" if config.database.pool_size < 1 else "batch_max",
              "must be at least 1")

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.internet import protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailsuite.auth import Authenticator
 from mailsuite.config import Config
+from mailsuite.pop3.server import POP3Factory
 from mailsuite.smtp.dns import install_resolver, make_resolver
 from mailsuite.smtp.mx import MXContext, MXFactory
 from mailsuite.store import AsyncStore, Store, open_store
@@ -16,6 +20,18 @@ from mailsuite.store.batcher import Batcher
 from mailsuite.tls import server_context
 
 log = Logger(namespace="mailsuite")
+
+
+class ReadyService(service.Service):
+    """Started last: logs once every listener before it is listening."""
+
+    def __init__(self, listeners: dict[str, str]) -> None:
+        self.listeners = listeners
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("mailsuite ready: {listeners}", listeners=" ".join(
+            f"{name}={endpoint}" for name, endpoint in self.listeners.items()))
 
 
 class ThreadPoolService(service.Service):
@@ -52,6 +68,19 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
 
     top = service.MultiService()
     ThreadPoolService(pool, store).setServiceParent(top)
+    listeners: dict[str, str] = {}
+
+    def listen(name: str, endpoint: str, factory: protocol.Factory,
+               implicit_tls: bool = False) -> None:
+        if not endpoint:
+            return
+        if implicit_tls:
+            factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        child = strports.service(endpoint, factory)
+        child.setName(name)
+        child.setServiceParent(top)
+        listeners[name] = endpoint
+
     if config.listen.mx:
         context = MXContext(
             config=config,
@@ -60,10 +89,14 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
             resolver=resolver,
             reactor=reactor,
         )
-        mx = strports.service(config.listen.mx, MXFactory(context, tls_options))
-        mx.setName("mx")
-        mx.setServiceParent(top)
-    log.info("mailsuite configured: store={backend} mx={mx}",
-             backend="sqlite" if store.db.is_sqlite else "postgresql",
-             mx=config.listen.mx or "off")
+        listen("mx", config.listen.mx, MXFactory(context, tls_options))
+    authenticator = Authenticator(async_store, reactor)
+    listen("pop3", config.listen.pop3,
+           POP3Factory(config, async_store, authenticator, tls_options))
+    listen("pop3s", config.listen.pop3s,
+           POP3Factory(config, async_store, authenticator, tls_options, implicit_tls=True),
+           implicit_tls=True)
+    ReadyService(listeners).setServiceParent(top)
+    log.info("mailsuite configured: store={backend}",
+             backend="sqlite" if store.db.is_sqlite else "postgresql")
     return top

@@ -50,11 +50,12 @@ class Mailsuite:
         self.workdir = workdir
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = {"mx": free_port()}
+        self.ports = {name: free_port() for name in ("mx", "pop3", "pop3s")}
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
             "database": {"url": db_url, "pool_size": 4},
-            "listen": {"mx": f"tcp:{self.ports['mx']}:interface=127.0.0.1"},
+            "listen": {name: f"tcp:{port}:interface=127.0.0.1"
+                       for name, port in self.ports.items()},
             "dns": {"resolver": dns_address, "timeout": 1.0},
             "smtp": {"greeting_delay": 0.05},
             "auth": {"bcrypt_rounds": 4},
@@ -70,6 +71,14 @@ class Mailsuite:
     @property
     def mx(self) -> tuple[str, int]:
         return ("127.0.0.1", self.ports["mx"])
+
+    @property
+    def pop3(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["pop3"])
+
+    @property
+    def pop3s(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["pop3s"])
 
     @property
     def store(self) -> Store:
@@ -94,7 +103,7 @@ class Mailsuite:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n"
                                    f"{self.log()}")
-            if "MXFactory starting on" in self.log():
+            if "mailsuite ready:" in self.log():
                 return self
             time.sleep(0.05)
         self.stop()

@@ -16,15 +16,16 @@ from mailsuite.store.directory import AccountRow, DirectoryMixin, Resolution
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
 from mailsuite.store.events import Event, EventsMixin
-from mailsuite.store.mail import Delivered, Delivery, MailMixin, StoredMessage
+from mailsuite.store.locks import LocksMixin
+from mailsuite.store.mail import Delivered, Delivery, Listing, MailMixin, StoredMessage
 
 __all__ = [
-    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "InUse",
+    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "InUse", "Listing",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
 ]
 
 
-class Store(DirectoryMixin, MailMixin, EventsMixin):
+class Store(DirectoryMixin, MailMixin, EventsMixin, LocksMixin):
     def __init__(self, db: Database) -> None:
         self.db = db
 

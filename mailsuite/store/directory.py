@@ -13,6 +13,7 @@ from mailsuite.addresses import parse_account_address, parse_domain
 from mailsuite.store import schema as t
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound
+from mailsuite.store.mail import MailMixin
 
 # An alias may point at another alias; this bounds the chain (and breaks loops).
 MAX_ALIAS_DEPTH = 8
@@ -249,9 +250,4 @@ class DirectoryMixin:
         conn.execute(update(t.events).where(t.events.c.account_id == account_id)
                      .values(account_id=None))
         conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
-        if orphan_candidates:
-            still_used = set(conn.scalars(select(t.messages.c.blob_id).where(
-                t.messages.c.blob_id.in_(orphan_candidates))))
-            orphans = orphan_candidates - still_used
-            if orphans:
-                conn.execute(delete(t.blobs).where(t.blobs.c.id.in_(orphans)))
+        MailMixin._drop_orphan_blobs(conn, orphan_candidates)

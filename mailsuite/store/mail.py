@@ -6,11 +6,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
 from mailsuite.store import schema as t
 from mailsuite.store.engine import Database
+from mailsuite.store.errors import NotFound
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,14 @@ class Delivery:
 class Delivered:
     blob_id: int
     uids: tuple[tuple[int, int], ...]  # (account_id, uid)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A mailbox's messages as (uid, size), by UID, with the mailbox's UIDVALIDITY."""
+
+    uidvalidity: int
+    messages: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,81 @@ class MailMixin:
             ))
             uids.append((account_id, uid))
         return Delivered(blob_id, tuple(uids))
+
+    def listing(self, account_id: int, mailbox: str = "INBOX") -> Listing:
+        with self.db.read() as conn:
+            box = self._mailbox(conn, account_id, mailbox)
+            rows = conn.execute(
+                select(t.messages.c.uid, t.messages.c.size)
+                .where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid)
+            ).all()
+        return Listing(box.uidvalidity, tuple((uid, size) for uid, size in rows))
+
+    def message_bytes(self, account_id: int, mailbox: str, uid: int) -> bytes | None:
+        """The raw message, or None once it has been expunged."""
+        with self.db.read() as conn:
+            box = self._mailbox(conn, account_id, mailbox)
+            return conn.scalar(
+                select(t.blobs.c.data).select_from(t.messages.join(t.blobs))
+                .where(and_(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid)))
+
+    def add_flag(self, account_id: int, mailbox: str, uids: list[int], flag: str) -> int:
+        """Add `flag` to the messages that lack it; each change gets a new MODSEQ."""
+        changed = 0
+        with self.db.write() as conn:
+            box = self._mailbox(conn, account_id, mailbox)
+            rows = conn.execute(
+                select(t.messages.c.id, t.messages.c.flags)
+                .where(and_(t.messages.c.mailbox_id == box.id, t.messages.c.uid.in_(uids)))
+            ).all()
+            for message_id, flags in rows:
+                if flag in flags.split():
+                    continue
+                modseq = self._bump_modseq(conn, box.id)
+                conn.execute(update(t.messages).where(t.messages.c.id == message_id)
+                             .values(flags=(flags + " " + flag).strip(), modseq=modseq))
+                changed += 1
+        return changed
+
+    def expunge(self, account_id: int, mailbox: str, uids: list[int]) -> int:
+        """Remove messages for good; blobs no copy refers to any more go with them."""
+        with self.db.write() as conn:
+            box = self._mailbox(conn, account_id, mailbox)
+            where = and_(t.messages.c.mailbox_id == box.id, t.messages.c.uid.in_(uids))
+            blob_ids = set(conn.scalars(select(t.messages.c.blob_id).where(where)))
+            removed = conn.execute(delete(t.messages).where(where)).rowcount
+            if removed:
+                self._bump_modseq(conn, box.id)
+                self._drop_orphan_blobs(conn, blob_ids)
+        return removed
+
+    @staticmethod
+    def _mailbox(conn: Connection, account_id: int, name: str) -> Any:
+        box = conn.execute(
+            select(t.mailboxes.c.id, t.mailboxes.c.uidvalidity)
+            .where(and_(t.mailboxes.c.account_id == account_id, t.mailboxes.c.name == name))
+        ).first()
+        if box is None:
+            raise NotFound(f"no mailbox {name}")
+        return box
+
+    @staticmethod
+    def _bump_modseq(conn: Connection, mailbox_id: int) -> int:
+        return conn.execute(
+            update(t.mailboxes).where(t.mailboxes.c.id == mailbox_id)
+            .values(highestmodseq=t.mailboxes.c.highestmodseq + 1)
+            .returning(t.mailboxes.c.highestmodseq)
+        ).scalar_one()
+
+    @staticmethod
+    def _drop_orphan_blobs(conn: Connection, blob_ids: set[int]) -> None:
+        if not blob_ids:
+            return
+        still_used = set(conn.scalars(
+            select(t.messages.c.blob_id).where(t.messages.c.blob_id.in_(blob_ids))))
+        orphans = blob_ids - still_used
+        if orphans:
+            conn.execute(delete(t.blobs).where(t.blobs.c.id.in_(orphans)))
 
     def blob_count(self) -> int:
         with self.db.read() as conn:

@@ -115,3 +115,12 @@ events = Table(
     Column("detail", Text, nullable=False),  # JSON
     Index("ix_events_account", "account_id", "id"),
 )
+
+# Leases that must hold across processes sharing one database (the POP3 maildrop lock).
+locks = Table(
+    "locks",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

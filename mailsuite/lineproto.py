@@ -1,0 +1,123 @@
+"""A line protocol that answers one command before it reads the next.
+
+SMTP and POP3 clients may pipeline (RFC 2920, RFC 2449): several commands arrive in one
+packet, and the replies must come back in order even when a command waits on the database.
+While a command's Deferred is pending, input stays buffered and the transport is paused, so
+a client that floods us is held back by TCP instead of by our memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+log = Logger(namespace="mailsuite.lineproto")
+
+
+class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
+    """Subclasses implement line_received(); it may return a Deferred to hold the input."""
+
+    #: longest line accepted, counting its CRLF
+    max_line = 1000
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._discarding_line = False
+        self._busy = False
+        self._processing = False
+        self._lost = False
+        self._closing = False
+
+    # --- for subclasses ------------------------------------------------------------------
+    def line_received(self, line: bytes) -> defer.Deferred | None:
+        raise NotImplementedError
+
+    def line_too_long(self) -> None:
+        """A line exceeded max_line; the rest of it will be skipped."""
+        raise NotImplementedError
+
+    def consume_raw(self) -> bool | None:
+        """Called instead of line splitting while raw_mode() is true.
+
+        Take what you need from self._buffer; return True to go on processing, anything
+        else to wait for more input.
+        """
+        raise NotImplementedError
+
+    def raw_mode(self) -> bool:
+        return False
+
+    def hold(self, d: defer.Deferred) -> None:
+        """Read no further input until `d` has fired (its result is ignored)."""
+        self._busy = True
+        self.transport.pauseProducing()
+        d.addErrback(lambda failure: log.failure("command failed", failure=failure))
+        d.addBoth(self._release)
+
+    def close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    def discard_input(self) -> None:
+        """Forget buffered input (after STARTTLS/STLS: plaintext must not cross into TLS)."""
+        self._buffer.clear()
+
+    @property
+    def gone(self) -> bool:
+        return self._lost or self._closing
+
+    # --- machinery -----------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True
+        self.setTimeout(None)
+
+    def _release(self, _: Any) -> None:
+        self._busy = False
+        if self.gone:
+            return
+        self.transport.resumeProducing()
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # a command finished synchronously inside the loop below; it carries on
+        self._processing = True
+        try:
+            while self._buffer and not self._busy and not self.gone:
+                if self.raw_mode():
+                    if self.consume_raw() is not True:
+                        return
+                    continue
+                end = self._buffer.find(b"\n")
+                if end < 0:
+                    if len(self._buffer) > self.max_line:
+                        self._buffer.clear()
+                        if not self._discarding_line:
+                            self._discarding_line = True
+                            self.line_too_long()
+                    return
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                if self._discarding_line:
+                    self._discarding_line = False
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) + 2 > self.max_line:
+                    self.line_too_long()
+                    continue
+                result = self.line_received(line)
+                if isinstance(result, defer.Deferred):
+                    self.hold(result)
+        finally:
+            self._processing = False
