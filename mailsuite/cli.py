@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from mailsuite.addresses import AddressError, parse_account_address
 from mailsuite.config import ConfigError, load_config
 from mailsuite.passwords import PasswordError, hash_password
@@ -146,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StoreError, AddressError, PasswordError, CommandError, ValueError) as exc:
         print(f"mailsuite: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # a database that cannot be reached, for one
-        print(f"mailsuite: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+    except SQLAlchemyError as exc:  # a database that cannot be reached, for one
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"mailsuite: database error: {detail}", file=sys.stderr)
         return 1
     return 0
 

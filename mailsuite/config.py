@@ -110,8 +110,13 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _locate(text: str, section: str, key: str | None) -> int | None:
-    """The 1-based line of `key` inside `[section]` (or of the section header)."""
+def _where(name: str, line: int | None) -> str:
+    return f"{name}:{line}" if line else name
+
+
+def _locate(text: str, section: str | None, key: str | None) -> int | None:
+    """The 1-based line of `key` inside `[section]` (None: before any section header),
+    or of the section header itself when key is None."""
     current = None
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -183,15 +188,16 @@ def load_config(path: str | os.PathLike[str] | None,
 
     sections: dict[str, Any] = {}
     for section, values in data.items():
+        if not isinstance(values, dict):
+            line = _locate(text, None, section)
+            raise ConfigError(f"{_where(name, line)}: option {section} is outside any [section]")
         if section not in _SECTIONS:
             line = _locate(text, section, None)
-            raise ConfigError(f"{name}:{line}: unknown section [{section}]")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name}: [{section}] must be a table")
+            raise ConfigError(f"{_where(name, line)}: unknown section [{section}]")
         types = _field_types(_SECTIONS[section])
         parsed = {}
         for key, value in values.items():
-            where = f"{name}:{_locate(text, section, key)}: option {section}.{key}"
+            where = f"{_where(name, _locate(text, section, key))}: option {section}.{key}"
             if key not in types:
                 raise ConfigError(f"{where}: unknown option")
             parsed[key] = _coerce(value, types[key], where)
@@ -212,15 +218,17 @@ def load_config(path: str | os.PathLike[str] | None,
 def _validate(config: Config, name: str, text: str) -> None:
     def fail(section: str, key: str, message: str) -> None:
         line = _locate(text, section, key)
-        raise ConfigError(f"{name}:{line}: option {section}.{key}: {message}")
+        raise ConfigError(f"{_where(name, line)}: option {section}.{key}: {message}")
 
     if not config.server.hostname or " " in config.server.hostname:
         fail("server", "hostname", "must be a host name")
     url = config.database_url
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         fail("database", "url", "must be a sqlite:/// or postgresql:// URL")
-    if bool(config.tls.cert) != bool(config.tls.key):
-        fail("tls", "cert" if not config.tls.cert else "key", "cert and key go together")
+    if config.tls.cert and not config.tls.key:
+        fail("tls", "cert", "needs tls.key as well")
+    if config.tls.key and not config.tls.cert:
+        fail("tls", "key", "needs tls.cert as well")
     if config.dns.resolver and not re.fullmatch(r"[^\s:]+(:\d+)?|\[[0-9a-fA-F:]+\](:\d+)?",
                                                 config.dns.resolver):
         fail("dns", "resolver", "must be host or host:port")

@@ -113,8 +113,10 @@ def _check_dkim(raw: bytes, resolver: dns.resolver.Resolver) -> list[authres.Aut
         try:
             ok = verifier.verify(idx=index, dnsfunc=_dnsfunc(resolver, failures))
             result = "pass" if ok else ("temperror" if failures else "fail")
-        except dkim.DKIMException as exc:
-            result = "permerror" if "missing" not in str(exc) else "fail"
+        except dkim.ValidationError:
+            result = "fail"  # e.g. the body hash does not match: the signature is broken
+        except dkim.DKIMException:
+            result = "permerror"  # malformed signature or key: it can never verify
         results.append(authres.DKIMAuthenticationResult(
             result=result, header_d=tags.get("d"), header_s=tags.get("s"),
             header_i=tags.get("i")))

@@ -159,11 +159,27 @@ class MXServer(ESMTPServer):
 
 
 def _authserv_id(value: str) -> str:
-    """The authserv-id of an Authentication-Results value (RFC 8601 2.2), lower-cased."""
-    head = value.split(";", 1)[0]
-    while "(" in head:  # drop CFWS comments
-        start = head.index("(")
-        end = head.find(")", start)
-        head = head[:start] + " " + (head[end + 1:] if end >= 0 else "")
-    words = head.split()
+    """The authserv-id of an Authentication-Results value (RFC 8601 2.2), lower-cased.
+
+    Comments (RFC 5322 CFWS) may nest and hold escaped parentheses; they are skipped.
+    """
+    kept = []
+    depth = 0
+    escaped = False
+    for char in value:
+        if char == ";" and not depth:
+            break
+        if escaped:
+            escaped = False
+        elif char == "\\" and depth:
+            escaped = True
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            kept.append(char)
+            continue
+        kept.append(" ")
+    words = "".join(kept).split()
     return words[0].lower() if words else ""

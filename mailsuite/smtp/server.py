@@ -9,16 +9,18 @@ send, who may receive, what happens to a message) is left to a subclass's hooks.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 
 from mailsuite.addresses import Address, AddressError, parse_path
 from mailsuite.config import SMTPConfig
+from mailsuite.lineproto import SerialLineProtocol
+from mailsuite.netlimits import ConnectionCounter
 
 log = Logger(namespace="mailsuite.smtp")
 
@@ -76,26 +78,21 @@ class ESMTPServerFactory(protocol.ServerFactory):
         self.limits = limits
         self.tls_options = tls_options
         self.implicit_tls = implicit_tls
-        self.connections: dict[str, int] = {}
+        self.connections = ConnectionCounter(limits.max_connections_per_ip)
 
 
-class ESMTPServer(protocol.Protocol, TimeoutMixin):
+class ESMTPServer(SerialLineProtocol):
     """The protocol machinery; subclasses implement the check_* and accept_message hooks."""
 
     factory: ESMTPServerFactory
     service_name = "ESMTP"
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        super().__init__()
         self._data: bytearray | None = None  # DATA in progress; starts with a virtual CRLF
         self._data_scan = 0
         self._data_overflow = False
-        self._discarding_line = False
-        self._busy = False
-        self._processing = False
-        self._lost = False
         self._greeted = False
-        self._closing = False
         self._junk = 0
         self.helo: str | None = None
         self.esmtp = False
@@ -120,13 +117,12 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", str(peer))
         self.tls = self.factory.implicit_tls
-        count = self.factory.connections.get(self.peer_ip, 0) + 1
-        if count > self.limits.max_connections_per_ip:
+        self.max_line = self.limits.max_command_line
+        if not self.factory.connections.acquire(self.peer_ip):
             self._send(Reply(421, "4.7.0", f"{self.hostname} Too many connections from your "
                                              "address, try again later"))
-            self._close()
+            self.close()
             return
-        self.factory.connections[self.peer_ip] = count
         self._counted = True
         self.setTimeout(self.limits.idle_timeout)
         if self.limits.greeting_delay > 0:
@@ -138,20 +134,32 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
 
     def _greet(self) -> None:
         self._greeting_call = None
+        if self._client_spoke_first():
+            self.dataReceived(b"")
+            return
         self._greeted = True
         self._send(Reply(220, "", f"{self.hostname} {self.service_name} mailsuite ready"))
 
+    def _client_spoke_first(self) -> bool:
+        """Whether input is already waiting in the socket, unread because we were busy.
+
+        Without this look, a loaded server would read an early talker's input only after
+        its greeting timer had fired, and take it for a conforming client.
+        """
+        if self.limits.greeting_delay <= 0:
+            return False
+        try:
+            handle = self.transport.getHandle()
+            return bool(handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (AttributeError, OSError):
+            return False  # not a plain socket (TLS wrapper), or nothing to read
+
     def connectionLost(self, reason: Any = None) -> None:
-        self._lost = True
-        self.setTimeout(None)
+        super().connectionLost(reason)
         if self._greeting_call is not None and self._greeting_call.active():
             self._greeting_call.cancel()
         if self._counted:
-            remaining = self.factory.connections.get(self.peer_ip, 1) - 1
-            if remaining > 0:
-                self.factory.connections[self.peer_ip] = remaining
-            else:
-                self.factory.connections.pop(self.peer_ip, None)
+            self.factory.connections.release(self.peer_ip)
         log.info(
             "smtp session {listener} peer={peer} helo={helo} tls={tls} {transactions} "
             "rejected={rejected} time={elapsed:.3f}s",
@@ -163,104 +171,65 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
-        self._close()
+        self.close()
 
     def _send(self, reply: Reply) -> None:
         if reply.code >= 400:
             self.session_log.rejected += 1
-        if self.transport is not None and not self._closing:
+        if not self.gone:
             self.transport.write(reply.encode())
-
-    def _close(self) -> None:
-        self._closing = True
-        self.transport.loseConnection()
 
     # --- input ---------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if not self._greeted:
+        if not self._greeted and not self.gone:
             self._send(Reply(554, "5.5.1", "Protocol error: command sent before the greeting"))
-            self._close()
+            self.close()
             return
-        self.resetTimeout()
-        self._buffer += data
-        self._process()
+        super().dataReceived(data)
 
-    def _process(self) -> None:
-        if self._processing:
-            return  # a hook answered synchronously inside the loop below; it carries on
-        self._processing = True
-        try:
-            self._process_buffer()
-        finally:
-            self._processing = False
+    def line_too_long(self) -> None:
+        self._junk_reply(Reply(500, "5.5.2", "Line too long"))
 
-    def _process_buffer(self) -> None:
-        while self._buffer and not self._busy and not self._closing:
-            if self._data is not None:
-                if not self._consume_data():
-                    return
-                continue
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > self.limits.max_command_line:
-                    self._buffer.clear()
-                    if not self._discarding_line:
-                        self._discarding_line = True
-                        self._junk_reply(Reply(500, "5.5.2", "Line too long"))
-                return
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if self._discarding_line:
-                self._discarding_line = False
-                continue
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if len(line) + 2 > self.limits.max_command_line:
-                self._junk_reply(Reply(500, "5.5.2", "Line too long"))
-                continue
-            self._dispatch(line)
+    def raw_mode(self) -> bool:
+        return self._data is not None
 
-    def _dispatch(self, line: bytes) -> None:
+    def line_received(self, line: bytes) -> defer.Deferred | None:
+        return self._dispatch(line)
+
+    def _dispatch(self, line: bytes) -> defer.Deferred | None:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             self._junk_reply(Reply(500, "5.5.2", "Syntax error: command is not UTF-8"))
-            return
+            return None
         if "\r" in text or "\x00" in text:
             self._junk_reply(Reply(500, "5.5.2", "Syntax error: bare CR or NUL in command"))
-            return
+            return None
         verb, _, argument = text.strip().partition(" ")
         handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
             self._junk_reply(Reply(500, "5.5.2", "Error: command not recognized"))
-            return
+            return None
         try:
             result = handler(argument.strip())
         except Exception:
             log.failure("smtp command {verb} failed", verb=verb.upper())
             result = Reply(451, "4.3.0", "Error: internal error, try again later")
         if isinstance(result, defer.Deferred):
-            self._busy = True
-            self.transport.pauseProducing()
-            result.addErrback(self._internal_error)
-            result.addCallback(self._deferred_reply)
-        elif result is not None:
+            return self._answer_later(result)
+        if result is not None:
             self._send(result)
+        return None
+
+    def _answer_later(self, d: defer.Deferred) -> defer.Deferred:
+        """Send the reply `d` fires with; the caller holds input until then."""
+        d.addErrback(self._internal_error)
+        d.addCallback(lambda reply: None if reply is None or self.gone else self._send(reply))
+        return d
 
     def _internal_error(self, failure: Any) -> Reply:
         log.failure("smtp hook failed", failure=failure)
         return Reply(451, "4.3.0", "Error: internal error, try again later")
-
-    def _deferred_reply(self, reply: Reply | None) -> None:
-        self._busy = False
-        if self._lost or self._closing:
-            return
-        if reply is not None:
-            self._send(reply)
-        self.transport.resumeProducing()
-        self._process()
 
     def _junk_reply(self, reply: Reply) -> None:
         answer = self._junk_and(reply)
@@ -302,7 +271,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
 
     def smtp_QUIT(self, argument: str) -> None:
         self._send(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
-        self._close()
+        self.close()
 
     def smtp_STARTTLS(self, argument: str) -> Reply | None:
         if self.tls:
@@ -313,7 +282,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
             return self._junk_and(Reply(501, "5.5.4", "Syntax: STARTTLS"))
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         # RFC 3207 4.2: forget everything, including commands pipelined in plaintext.
-        self._buffer.clear()
+        self.discard_input()
         self.helo, self.esmtp, self.transaction = None, False, None
         self.transport.startTLS(self.factory.tls_options)
         self.tls = True
@@ -409,7 +378,7 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         return self._junk_and(Reply(502, "5.5.1", "Error: CHUNKING is not offered"))
 
     # --- DATA ----------------------------------------------------------------------------
-    def _consume_data(self) -> bool:
+    def consume_raw(self) -> bool:
         """Move buffered input into the message; True once end-of-data was seen."""
         assert self._data is not None
         self._data += self._buffer
@@ -445,13 +414,10 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
             self._note(txn, 550, len(body))
             return
         raw = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]  # undo dot-stuffing
-        d = self._chain(self.accept_message(txn, raw), lambda reply: reply)
-        if isinstance(d, defer.Deferred):
-            self._busy = True
-            self.transport.pauseProducing()
-            d.addCallback(lambda reply: self._note(txn, reply.code, len(raw)) or reply)
-            d.addErrback(self._internal_error)
-            d.addCallback(self._deferred_reply)
+        d = defer.maybeDeferred(self.accept_message, txn, raw)
+        d.addErrback(self._internal_error)
+        d.addCallback(lambda reply: self._note(txn, reply.code, len(raw)) or reply)
+        self.hold(self._answer_later(d))
 
     def _note(self, txn: Transaction, code: int, size: int) -> None:
         self.session_log.transactions.append(
@@ -464,11 +430,10 @@ class ESMTPServer(protocol.Protocol, TimeoutMixin):
         Returns the reply to send, or None once the limit closed the session.
         """
         self._junk += 1
-        if self._junk < self.limits.max_junk_commands:
+        if self._junk <= self.limits.max_junk_commands:
             return reply
-        self._send(reply)
         self._send(Reply(421, "4.7.0", f"{self.hostname} Error: too many errors"))
-        self._close()
+        self.close()
         return None
 
     @staticmethod

@@ -47,4 +47,5 @@ class RawSMTP:
             return True
 
     def close(self) -> None:
+        self.file.close()  # the makefile() reader holds the socket open too
         self.sock.close()
