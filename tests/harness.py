@@ -94,6 +94,8 @@ class Mailsuite:
 
     def start(self, timeout: float = 30.0) -> Mailsuite:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A restart appends to the same log: only what this run writes counts.
+        offset = len(self._read("twistd.log"))
         with open(self.workdir / "stderr.log", "ab") as stderr:
             self.process = subprocess.Popen(self.command(), cwd=self.workdir, env=env,
                                             stdin=subprocess.DEVNULL,
@@ -103,7 +105,7 @@ class Mailsuite:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n"
                                    f"{self.log()}")
-            if "mailsuite ready:" in self.log():
+            if "mailsuite ready:" in self._read("twistd.log")[offset:]:
                 return self
             time.sleep(0.05)
         self.stop()
@@ -124,13 +126,12 @@ class Mailsuite:
             self._store.close()
             self._store = None
 
+    def _read(self, name: str) -> str:
+        path = self.workdir / name
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
     def log(self) -> str:
-        text = ""
-        for name in ("twistd.log", "stderr.log"):
-            path = self.workdir / name
-            if path.exists():
-                text += path.read_text(encoding="utf-8", errors="replace")
-        return text
+        return self._read("twistd.log") + self._read("stderr.log")
 
     # --- test data -----------------------------------------------------------------------
     def new_domain(self) -> str:
