@@ -17,15 +17,30 @@ from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
 from mailsuite.store.events import Event, EventsMixin
 from mailsuite.store.locks import LocksMixin
-from mailsuite.store.mail import Delivered, Delivery, Listing, MailMixin, StoredMessage
+from mailsuite.store.mail import (
+    Delivered,
+    Delivery,
+    FetchRow,
+    Listing,
+    MailMixin,
+    StoredMessage,
+)
+from mailsuite.store.mailboxes import (
+    MailboxChanges,
+    MailboxesMixin,
+    MailboxInfo,
+    MailboxSnapshot,
+    MailboxStatus,
+)
 
 __all__ = [
-    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "InUse", "Listing",
+    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "FetchRow", "InUse",
+    "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
 ]
 
 
-class Store(DirectoryMixin, MailMixin, EventsMixin, LocksMixin):
+class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin):
     def __init__(self, db: Database) -> None:
         self.db = db
 

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 
 # Any constant will do: it only has to be the same in every mailsuite process.
 _MIGRATION_LOCK_KEY = 0x6D61696C  # "mail"
+#: PostgreSQL NOTIFY channel carrying the ids of mailboxes whose contents changed
+CHANGE_CHANNEL = "mailsuite_mailbox"
+_CHANGED = "mailsuite_changed_mailboxes"
+
+
+def mark_changed(conn: Connection, mailbox_id: int) -> None:
+    """Record that this transaction changes a mailbox, to announce once it commits."""
+    conn.info.setdefault(_CHANGED, set()).add(mailbox_id)
 
 
 class Database:
@@ -32,6 +40,9 @@ class Database:
             url = parsed.render_as_string(hide_password=False)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else None
+        #: called (in the committing thread) with the ids of mailboxes a commit changed
+        self.on_change: Callable[[set[int]], None] | None = None
+        self.url = url
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +64,19 @@ class Database:
         lock = self._write_lock or contextlib.nullcontext()
         with lock, self.engine.connect() as conn:
             conn = conn.execution_options(mailsuite_write=True)
-            with conn.begin():
-                yield conn
+            conn.info.pop(_CHANGED, None)
+            try:
+                with conn.begin():
+                    yield conn
+                    changed = conn.info.get(_CHANGED)
+                    if changed and not self.is_sqlite:
+                        # Delivered by PostgreSQL at commit, to every process that listens.
+                        payload = ",".join(str(i) for i in sorted(changed))
+                        conn.execute(select(func.pg_notify(CHANGE_CHANNEL, payload)))
+            finally:
+                changed = conn.info.pop(_CHANGED, None)
+        if changed and self.on_change is not None:
+            self.on_change(changed)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database
+from mailsuite.store.engine import Database, mark_changed
 from mailsuite.store.errors import NotFound
 
 
@@ -25,6 +25,8 @@ class Delivery:
     mailbox: str = "INBOX"
     flags: str = ""
     internal_date: datetime | None = None
+    structure: tuple[bytes, bytes, bytes] | None = None  # IMAP (envelope, bodystructure, body)
+    event: str = "received"  # the kind of event recorded for it
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ class Listing:
 
     uidvalidity: int
     messages: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class FetchRow:
+    uid: int
+    flags: str
+    internal_date: datetime
+    size: int
+    modseq: int
+    structure: tuple[bytes | None, bytes | None, bytes | None] | None
+    raw: bytes | None
 
 
 @dataclass(frozen=True)
@@ -103,17 +116,154 @@ class MailMixin:
                 .returning(t.mailboxes.c.id, t.mailboxes.c.uidnext - 1,
                            t.mailboxes.c.highestmodseq)
             ).one()
+            envelope, bodystructure, body = delivery.structure or (None, None, None)
             conn.execute(insert(t.messages).values(
                 mailbox_id=mailbox_id, uid=uid, modseq=modseq, flags=delivery.flags,
                 internal_date=delivery.internal_date or now, size=len(delivery.raw),
-                blob_id=blob_id,
+                blob_id=blob_id, envelope=envelope, bodystructure=bodystructure, body=body,
             ))
+            mark_changed(conn, mailbox_id)
             conn.execute(insert(t.events).values(
-                created_at=now, kind="received", account_id=account_id,
+                created_at=now, kind=delivery.event, account_id=account_id,
                 detail=json.dumps({**delivery.detail, "uid": uid, "mailbox": delivery.mailbox}),
             ))
             uids.append((account_id, uid))
         return Delivered(blob_id, tuple(uids))
+
+    # --- IMAP ----------------------------------------------------------------------------
+    def fetch_rows(self, mailbox_id: int, uids: list[int], with_raw: bool,
+                   with_structure: bool) -> list[FetchRow]:
+        """The stored facts about `uids` (that still exist), by UID."""
+        columns = [t.messages.c.uid, t.messages.c.flags, t.messages.c.internal_date,
+                   t.messages.c.size, t.messages.c.modseq]
+        columns += ([t.messages.c.envelope, t.messages.c.bodystructure, t.messages.c.body]
+                    if with_structure else [])
+        query = select(*columns, *([t.blobs.c.data] if with_raw else []))
+        if with_raw:
+            query = query.select_from(t.messages.join(t.blobs))
+        rows = []
+        with self.db.read() as conn:
+            for start in range(0, len(uids), 500):  # bounded IN lists
+                chunk = uids[start:start + 500]
+                rows += conn.execute(query.where(and_(t.messages.c.mailbox_id == mailbox_id,
+                                                      t.messages.c.uid.in_(chunk)))
+                                     .order_by(t.messages.c.uid)).all()
+        out = []
+        for row in rows:
+            uid, flags, date, size, modseq = row[:5]
+            structure = tuple(row[5:8]) if with_structure else None
+            raw = row[-1] if with_raw else None
+            out.append(FetchRow(uid, flags, _utc(date), size, modseq, structure, raw))
+        return out
+
+    def set_structure(self, mailbox_id: int, uid: int,
+                      structure: tuple[bytes, bytes, bytes]) -> None:
+        """Fill in a message's cached IMAP structure (for messages stored without it)."""
+        envelope, bodystructure, body = structure
+        with self.db.write() as conn:
+            conn.execute(update(t.messages).where(and_(t.messages.c.mailbox_id == mailbox_id,
+                                                       t.messages.c.uid == uid))
+                         .values(envelope=envelope, bodystructure=bodystructure, body=body))
+
+    def store_flags(self, mailbox_id: int, uids: list[int], mode: str,
+                    flags: list[str]) -> list[tuple[int, str]]:
+        """mode "+", "-" or "=": returns (uid, new flags) of every message it changed."""
+        changed: list[tuple[int, str]] = []
+        wanted = list(dict.fromkeys(flags))
+        with self.db.write() as conn:
+            rows = []
+            for start in range(0, len(uids), 500):
+                rows += conn.execute(
+                    select(t.messages.c.id, t.messages.c.uid, t.messages.c.flags)
+                    .where(and_(t.messages.c.mailbox_id == mailbox_id,
+                                t.messages.c.uid.in_(uids[start:start + 500])))
+                    .order_by(t.messages.c.uid)).all()
+            modseq = None
+            for message_id, uid, current in rows:
+                have = current.split()
+                if mode == "+":
+                    new = have + [f for f in wanted if f not in have]
+                elif mode == "-":
+                    new = [f for f in have if f not in wanted]
+                else:
+                    new = wanted
+                text = " ".join(new)
+                if text == current:
+                    continue
+                if modseq is None:
+                    modseq = self._bump_modseq(conn, mailbox_id)
+                conn.execute(update(t.messages).where(t.messages.c.id == message_id)
+                             .values(flags=text, modseq=modseq))
+                changed.append((uid, text))
+            if changed:
+                mark_changed(conn, mailbox_id)
+        return changed
+
+    def append(self, account_id: int, mailbox: str, raw: bytes, flags: str,
+               internal_date: datetime | None,
+               structure: tuple[bytes, bytes, bytes] | None) -> tuple[int, int]:
+        """Store a message into one of the account's mailboxes: (uidvalidity, uid)."""
+        with self.db.write() as conn:
+            box = self._mailbox(conn, account_id, mailbox)
+            delivered = self._deliver(conn, Delivery(
+                raw=raw, account_ids=(account_id,), detail={"via": "imap"}, event="appended",
+                mailbox=mailbox, flags=flags, internal_date=internal_date,
+                structure=structure))
+        return box.uidvalidity, delivered.uids[0][1]
+
+    def copy_messages(self, mailbox_id: int, uids: list[int], account_id: int, target: str,
+                      move: bool = False) -> tuple[int, list[tuple[int, int]]]:
+        """Copy (or move) messages into another mailbox of the same account, sharing blobs.
+
+        Returns (target uidvalidity, [(source uid, new uid)]).
+        """
+        pairs = []
+        with self.db.write() as conn:
+            box = self._mailbox(conn, account_id, target)
+            rows = []
+            for start in range(0, len(uids), 500):
+                rows += conn.execute(
+                    select(t.messages).where(and_(t.messages.c.mailbox_id == mailbox_id,
+                                                  t.messages.c.uid.in_(uids[start:start + 500])))
+                    .order_by(t.messages.c.uid)).all()
+            for row in rows:
+                new_uid, modseq = conn.execute(
+                    update(t.mailboxes).where(t.mailboxes.c.id == box.id)
+                    .values(uidnext=t.mailboxes.c.uidnext + 1,
+                            highestmodseq=t.mailboxes.c.highestmodseq + 1)
+                    .returning(t.mailboxes.c.uidnext - 1, t.mailboxes.c.highestmodseq)).one()
+                conn.execute(insert(t.messages).values(
+                    mailbox_id=box.id, uid=new_uid, modseq=modseq, flags=row.flags,
+                    internal_date=row.internal_date, size=row.size, blob_id=row.blob_id,
+                    envelope=row.envelope, bodystructure=row.bodystructure, body=row.body))
+                pairs.append((row.uid, new_uid))
+            if pairs:
+                mark_changed(conn, box.id)
+            if move and pairs:
+                conn.execute(delete(t.messages).where(and_(
+                    t.messages.c.mailbox_id == mailbox_id,
+                    t.messages.c.uid.in_([uid for uid, _ in pairs]))))
+                self._bump_modseq(conn, mailbox_id)
+                mark_changed(conn, mailbox_id)
+        return box.uidvalidity, pairs
+
+    def expunge_deleted(self, mailbox_id: int, uids: list[int] | None = None) -> list[int]:
+        r"""Remove messages flagged \Deleted (only those in `uids` when given)."""
+        with self.db.write() as conn:
+            rows = conn.execute(select(t.messages.c.uid, t.messages.c.flags, t.messages.c.blob_id)
+                                .where(t.messages.c.mailbox_id == mailbox_id)).all()
+            allowed = set(uids) if uids is not None else None
+            gone = [(uid, blob) for uid, flags, blob in rows if "\\Deleted" in flags.split()
+                    and (allowed is None or uid in allowed)]
+            for start in range(0, len(gone), 500):
+                conn.execute(delete(t.messages).where(and_(
+                    t.messages.c.mailbox_id == mailbox_id,
+                    t.messages.c.uid.in_([uid for uid, _ in gone[start:start + 500]]))))
+            if gone:
+                self._bump_modseq(conn, mailbox_id)
+                self._drop_orphan_blobs(conn, {blob for _, blob in gone})
+                mark_changed(conn, mailbox_id)
+        return sorted(uid for uid, _ in gone)
 
     def listing(self, account_id: int, mailbox: str = "INBOX") -> Listing:
         with self.db.read() as conn:
@@ -148,6 +298,7 @@ class MailMixin:
                 conn.execute(update(t.messages).where(t.messages.c.id == message_id)
                              .values(flags=(flags + " " + flag).strip(), modseq=modseq))
                 changed += 1
+                mark_changed(conn, box.id)
         return changed
 
     def expunge(self, account_id: int, mailbox: str, uids: list[int]) -> int:
@@ -160,6 +311,7 @@ class MailMixin:
             if removed:
                 self._bump_modseq(conn, box.id)
                 self._drop_orphan_blobs(conn, blob_ids)
+                mark_changed(conn, box.id)
         return removed
 
     @staticmethod

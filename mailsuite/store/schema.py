@@ -66,6 +66,8 @@ mailboxes = Table(
     Column("uidnext", BigInteger, nullable=False, default=1),
     Column("highestmodseq", BigInteger, nullable=False, default=1),
     Column("subscribed", Boolean, nullable=False, default=True),
+    # Messages above this UID are \Recent for the next session that SELECTs (RFC 3501 2.3.2).
+    Column("recent_uid", BigInteger, nullable=False, default=0),
     UniqueConstraint("account_id", "name", name="uq_mailboxes_account_name"),
 )
 
@@ -90,6 +92,10 @@ messages = Table(
     Column("internal_date", DateTime(timezone=True), nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("blob_id", Id, ForeignKey("blobs.id", ondelete="RESTRICT"), nullable=False),
+    # IMAP ENVELOPE, BODYSTRUCTURE and BODY, computed once when the message arrives.
+    Column("envelope", LargeBinary, nullable=True),
+    Column("bodystructure", LargeBinary, nullable=True),
+    Column("body", LargeBinary, nullable=True),
     UniqueConstraint("mailbox_id", "uid", name="uq_messages_mailbox_uid"),
     Index("ix_messages_blob", "blob_id"),
 )
