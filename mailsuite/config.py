@@ -37,6 +37,8 @@ class ListenConfig:
     mx: str = "tcp:2525:interface=127.0.0.1"
     pop3: str = "tcp:1110:interface=127.0.0.1"
     pop3s: str = "tcp:1995:interface=127.0.0.1"
+    imap: str = "tcp:1143:interface=127.0.0.1"
+    imaps: str = "tcp:1993:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    idle_timeout: float = 1860.0  # RFC 2177: clients re-IDLE every 29 minutes
+    max_connections_per_ip: int = 50
+    max_connections_per_account: int = 20
+    max_line: int = 65536
+    max_literal: int = 65536  # except APPEND, bounded by smtp.max_message_size
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     allow_plaintext: bool = False
     bcrypt_rounds: int = 12
@@ -91,6 +102,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     mx: MXConfig = field(default_factory=MXConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
@@ -242,6 +254,12 @@ def _validate(config: Config, name: str, text: str) -> None:
         fail("pop3", "idle_timeout", "must be positive")
     if config.pop3.max_connections_per_ip < 1:
         fail("pop3", "max_connections_per_ip", "must be at least 1")
+    for key in ("max_connections_per_ip", "max_connections_per_account", "max_line",
+                "max_literal"):
+        if getattr(config.imap, key) < 1:
+            fail("imap", key, "must be at least 1")
+    if config.imap.max_line < 1000:
+        fail("imap", "max_line", "RFC 7162 asks for at least 8192; 1000 is the floor here")
     if config.database.pool_size < 1 or config.database.batch_max < 1:
         fail("database", "pool_size" if config.database.pool_size < 1 else "batch_max",
              "must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from twisted.application import service, strports
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -12,6 +13,8 @@ from twisted.python.threadpool import ThreadPool
 
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
+from mailsuite.imap.server import IMAPFactory
+from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
 from mailsuite.smtp.dns import install_resolver, make_resolver
 from mailsuite.smtp.mx import MXContext, MXFactory
@@ -34,19 +37,24 @@ class ReadyService(service.Service):
             f"{name}={endpoint}" for name, endpoint in self.listeners.items()))
 
 
-class ThreadPoolService(service.Service):
-    """Starts the store's thread pool with the reactor and joins it at shutdown."""
+class StoreService(service.Service):
+    """Starts the store's thread pool (and LISTEN thread) with the reactor; joins them after."""
 
-    def __init__(self, pool: ThreadPool, store: Store) -> None:
+    def __init__(self, pool: ThreadPool, store: Store, listener: PostgresListener | None) -> None:
         self.pool = pool
         self.store = store
+        self.listener = listener
 
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        if self.listener is not None:
+            self.listener.start()
 
     def stopService(self) -> None:
         super().stopService()
+        if self.listener is not None:
+            self.listener.stop()
         self.pool.stop()
         self.store.close()
 
@@ -60,6 +68,13 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     store = open_store(config.database_url, pool_size=config.database.pool_size)
     pool = ThreadPool(minthreads=1, maxthreads=config.database.pool_size, name="mailsuite-store")
     async_store = AsyncStore(store, pool, reactor)
+    notifier = Notifier(reactor)
+    store.db.on_change = notifier.publish_from_thread
+    listener = None
+    if not store.db.is_sqlite:
+        # Other processes on this database announce their changes through NOTIFY.
+        dsn = make_url(store.db.url).set(drivername="postgresql")
+        listener = PostgresListener(dsn.render_as_string(hide_password=False), notifier)
     resolver = make_resolver(config)
     install_resolver(resolver)
     # DNS-bound checks block a thread each while they wait; give them room.
@@ -67,7 +82,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     tls_options = server_context(config)
 
     top = service.MultiService()
-    ThreadPoolService(pool, store).setServiceParent(top)
+    StoreService(pool, store, listener).setServiceParent(top)
     listeners: dict[str, str] = {}
 
     def listen(name: str, endpoint: str, factory: protocol.Factory,
@@ -96,6 +111,10 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     listen("pop3s", config.listen.pop3s,
            POP3Factory(config, async_store, authenticator, tls_options, implicit_tls=True),
            implicit_tls=True)
+    for name, implicit in (("imap", False), ("imaps", True)):
+        listen(name, getattr(config.listen, name),
+               IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
+                           implicit_tls=implicit), implicit_tls=implicit)
     ReadyService(listeners).setServiceParent(top)
     log.info("mailsuite configured: store={backend}",
              backend="sqlite" if store.db.is_sqlite else "postgresql")

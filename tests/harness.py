@@ -50,7 +50,7 @@ class Mailsuite:
         self.workdir = workdir
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in ("mx", "pop3", "pop3s")}
+        self.ports = {name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps")}
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
             "database": {"url": db_url, "pool_size": 4},
@@ -79,6 +79,14 @@ class Mailsuite:
     @property
     def pop3s(self) -> tuple[str, int]:
         return ("127.0.0.1", self.ports["pop3s"])
+
+    @property
+    def imap(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["imap"])
+
+    @property
+    def imaps(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["imaps"])
 
     @property
     def store(self) -> Store:

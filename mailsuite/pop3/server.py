@@ -123,6 +123,7 @@ class POP3Server(SerialLineProtocol):
         self._counted = False
         self._started = time.monotonic()
         self._retrieved = 0
+        self._lock_released = False
 
     # --- connection ----------------------------------------------------------------------
     @property
@@ -158,9 +159,7 @@ class POP3Server(SerialLineProtocol):
         super().connectionLost(reason)
         if self._counted:
             self.factory.connections.release(self.peer)
-        if self.account is not None and self.listing is not None:
-            self.store.lock_release(self.lock_name, self._holder).addErrback(
-                lambda f: log.failure("releasing the maildrop lock failed", failure=f))
+        self._release_lock()
         log.info("pop3 session peer={peer} user={user} tls={tls} retrieved={retrieved} "
                  "deleted={deleted} state={state} time={elapsed:.3f}s",
                  peer=self.peer, user=self.account.address if self.account else "-",
@@ -441,18 +440,28 @@ class POP3Server(SerialLineProtocol):
 
 
     def pop_QUIT(self, args: list[str]) -> defer.Deferred | None:
-        if self.state != "TRANSACTION" or not self.deleted:
+        if self.state != "TRANSACTION":
             self.send("+OK mailsuite POP3 server signing off")
             self.close()
             return None
-        # The UPDATE state: remove what DELE marked, then say goodbye.
+        # The UPDATE state: remove what DELE marked, give the maildrop back, then say goodbye
+        # (a client that reconnects at once must find the maildrop free).
         self.state = "UPDATE"
         assert self.listing is not None and self.account is not None
         uids = [self.listing.messages[n - 1][0] for n in sorted(self.deleted)]
-        d = self.store.expunge(self.account.id, "INBOX", uids)
+        d = self.store.expunge(self.account.id, "INBOX", uids) if uids else defer.succeed(0)
         d.addCallbacks(
-            lambda removed: self.send(f"+OK signing off ({removed} messages deleted)"),
+            lambda removed: self._release_lock().addCallback(
+                lambda _: self.send(f"+OK signing off ({removed} messages deleted)")),
             lambda failure: self._temporary_failure(failure, "expunge"))
         d.addBoth(lambda _: self.close())
+        return d
+
+    def _release_lock(self) -> defer.Deferred:
+        if self.account is None or self.listing is None or self._lock_released:
+            return defer.succeed(None)
+        self._lock_released = True
+        d = self.store.lock_release(self.lock_name, self._holder)
+        d.addErrback(lambda f: log.failure("releasing the maildrop lock failed", failure=f))
         return d
 

@@ -22,6 +22,7 @@ from mailsuite.smtp import authresults
 from mailsuite.smtp.server import ESMTPServer, ESMTPServerFactory, Reply, Transaction
 from mailsuite.store import AsyncStore, Delivery, Resolution
 from mailsuite.store.batcher import Batcher
+from mailsuite.structure import imap_structure
 
 log = Logger(namespace="mailsuite.mx")
 
@@ -124,13 +125,13 @@ class MXServer(ESMTPServer):
         queue_id = secrets.token_hex(6)
         trace = self._trace_headers(txn, queue_id)
         account_ids = sorted({a for _, ids in txn.recipients for a in ids})
-        delivery = Delivery(
-            raw=trace + raw,
-            account_ids=tuple(account_ids),
-            detail={"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
-                    "recipients": [str(a) for a, _ in txn.recipients]},
-        )
-        d = self.context.deliveries.submit(delivery)
+        full = trace + raw
+        detail = {"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
+                  "recipients": [str(a) for a, _ in txn.recipients]}
+        # IMAP's ENVELOPE and BODYSTRUCTURE are made once, here, off the reactor thread.
+        d = self._run(imap_structure, full)
+        d.addCallback(lambda parts: self.context.deliveries.submit(Delivery(
+            raw=full, account_ids=tuple(account_ids), detail=detail, structure=parts)))
         d.addCallbacks(
             lambda _: Reply(250, "2.0.0", f"Ok: queued as {queue_id}"),
             self._store_failed, errbackArgs=(queue_id,))
