@@ -104,34 +104,37 @@ class MXServer(ESMTPServer):
             return Reply(554, "5.4.6", f"Mail loop detected: {limit} Received headers")
         spf = self._spf or defer.succeed(authresults.SPFOutcome("none", "checks disabled"))
         self._spf = None
-        d = spf.addCallback(self._authenticate, txn, raw)
-        d.addCallback(self._store, txn)
+        queue_id = secrets.token_hex(6)
+        trace = self._trace_headers(txn, queue_id)
+        # Everything CPU- or DNS-bound about the message happens in one trip to a thread.
+        d = spf.addCallback(lambda outcome: self._run(self._prepare, raw, trace, txn.sender_text,
+                                                      outcome))
+        d.addCallback(self._store, txn, queue_id)
         return d
 
-    def _authenticate(self, spf: authresults.SPFOutcome, txn: Transaction,
-                      raw: bytes) -> defer.Deferred | bytes:
+    def _prepare(self, raw: bytes, trace: bytes, sender: str,
+                 spf: authresults.SPFOutcome) -> tuple[bytes, tuple[bytes, bytes, bytes]]:
+        """In a thread: the message as stored, and its IMAP structure."""
         hostname = self.context.config.server.hostname
         # An Authentication-Results that claims to be ours but came from outside is forged.
         raw = remove_fields(raw, lambda f: f.name.lower() == "authentication-results"
                             and _authserv_id(f.value) == hostname.lower())
-        if not self.context.config.mx.auth_checks:
-            return raw
-        d = self._run(authresults.authentication_results, raw, hostname, self.context.resolver,
-                      self.peer_ip, self.helo or "", txn.sender_text, spf)
-        d.addCallback(lambda header: header.encode("utf-8") + b"\r\n" + raw)
-        return d
-
-    def _store(self, raw: bytes, txn: Transaction) -> defer.Deferred:
-        queue_id = secrets.token_hex(6)
-        trace = self._trace_headers(txn, queue_id)
-        account_ids = sorted({a for _, ids in txn.recipients for a in ids})
+        if self.context.config.mx.auth_checks:
+            header = authresults.authentication_results(
+                raw, hostname, self.context.resolver, self.peer_ip, self.helo or "", sender, spf)
+            raw = header.encode("utf-8") + b"\r\n" + raw
         full = trace + raw
+        # IMAP's ENVELOPE and BODYSTRUCTURE are made once, here, and kept with the message.
+        return full, imap_structure(full)
+
+    def _store(self, prepared: tuple[bytes, tuple[bytes, bytes, bytes]], txn: Transaction,
+               queue_id: str) -> defer.Deferred:
+        full, structure = prepared
+        account_ids = sorted({a for _, ids in txn.recipients for a in ids})
         detail = {"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
                   "recipients": [str(a) for a, _ in txn.recipients]}
-        # IMAP's ENVELOPE and BODYSTRUCTURE are made once, here, off the reactor thread.
-        d = self._run(imap_structure, full)
-        d.addCallback(lambda parts: self.context.deliveries.submit(Delivery(
-            raw=full, account_ids=tuple(account_ids), detail=detail, structure=parts)))
+        d = self.context.deliveries.submit(Delivery(
+            raw=full, account_ids=tuple(account_ids), detail=detail, structure=structure))
         d.addCallbacks(
             lambda _: Reply(250, "2.0.0", f"Ok: queued as {queue_id}"),
             self._store_failed, errbackArgs=(queue_id,))

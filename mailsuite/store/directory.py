@@ -177,7 +177,13 @@ class DirectoryMixin:
     def resolve(self, address: str) -> Resolution:
         """Where mail for `address` (already a parsed, normal local@domain) goes."""
         with self.db.read() as conn:
-            local, _, domain = address.lower().rpartition("@")
+            address = address.lower()
+            # The common case, an account's own address, in one query.
+            account_id = conn.scalar(select(t.accounts.c.id)
+                                     .where(t.accounts.c.address == address))
+            if account_id is not None:
+                return Resolution("local", (account_id,))
+            local, _, domain = address.rpartition("@")
             if self._find_domain(conn, domain) is None:
                 return Resolution("foreign")
             accounts: list[int] = []

@@ -54,8 +54,10 @@ class Database:
             )
             _configure_sqlite(self.engine)
         else:
+            # No pre-ping: it costs a round trip per transaction; a connection the server
+            # dropped fails its transaction (answered as a temporary error) and is replaced.
             self.engine = create_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
             )
 
     @contextlib.contextmanager

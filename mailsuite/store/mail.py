@@ -76,7 +76,7 @@ class MailMixin:
         """
         try:
             with self.db.write() as conn:
-                return [self._deliver(conn, d) for d in deliveries]
+                return list(self._deliver_all(conn, deliveries))
         except Exception as exc:
             if len(deliveries) == 1:
                 return [exc]
@@ -84,7 +84,7 @@ class MailMixin:
         for delivery in deliveries:
             try:
                 with self.db.write() as conn:
-                    results.append(self._deliver(conn, delivery))
+                    results.extend(self._deliver_all(conn, [delivery]))
             except Exception as exc:
                 results.append(exc)
         return results
@@ -96,39 +96,60 @@ class MailMixin:
         return result
 
     def _deliver(self, conn: Connection, delivery: Delivery) -> Delivered:
+        return self._deliver_all(conn, [delivery])[0]
+
+    def _deliver_all(self, conn: Connection, deliveries: list[Delivery]) -> list[Delivered]:
+        """Store a batch with a handful of statements, however many messages it holds."""
         now = datetime.now(UTC)
-        blob_id = conn.execute(
-            insert(t.blobs).values(
-                sha256=hashlib.sha256(delivery.raw).hexdigest(),
-                size=len(delivery.raw),
-                data=delivery.raw,
-            ).returning(t.blobs.c.id)
-        ).scalar_one()
-        uids = []
-        for account_id in sorted(set(delivery.account_ids)):  # sorted: a stable lock order
-            # The UID comes from the row we lock and bump, in this transaction: never MAX+1.
-            mailbox_id, uid, modseq = conn.execute(
+        blob_ids = conn.execute(
+            insert(t.blobs).returning(t.blobs.c.id, sort_by_parameter_order=True),
+            [{"sha256": hashlib.sha256(d.raw).hexdigest(), "size": len(d.raw), "data": d.raw}
+             for d in deliveries],
+        ).scalars().all()
+        # One UPDATE per mailbox takes as many UIDs as the batch puts there, in this
+        # transaction, from the row it locks: never MAX(uid)+1. Sorted: a stable lock order.
+        wanted: dict[tuple[int, str], int] = {}
+        for delivery in deliveries:
+            for account_id in set(delivery.account_ids):
+                key = (account_id, delivery.mailbox)
+                wanted[key] = wanted.get(key, 0) + 1
+        next_uid: dict[tuple[int, str], list[int]] = {}
+        for (account_id, mailbox), count in sorted(wanted.items()):
+            row = conn.execute(
                 update(t.mailboxes)
                 .where(and_(t.mailboxes.c.account_id == account_id,
-                            t.mailboxes.c.name == delivery.mailbox))
-                .values(uidnext=t.mailboxes.c.uidnext + 1,
-                        highestmodseq=t.mailboxes.c.highestmodseq + 1)
-                .returning(t.mailboxes.c.id, t.mailboxes.c.uidnext - 1,
-                           t.mailboxes.c.highestmodseq)
+                            t.mailboxes.c.name == mailbox))
+                .values(uidnext=t.mailboxes.c.uidnext + count,
+                        highestmodseq=t.mailboxes.c.highestmodseq + count)
+                .returning(t.mailboxes.c.id, t.mailboxes.c.uidnext, t.mailboxes.c.highestmodseq)
             ).one()
-            envelope, bodystructure, body = delivery.structure or (None, None, None)
-            conn.execute(insert(t.messages).values(
-                mailbox_id=mailbox_id, uid=uid, modseq=modseq, flags=delivery.flags,
-                internal_date=delivery.internal_date or now, size=len(delivery.raw),
-                blob_id=blob_id, envelope=envelope, bodystructure=bodystructure, body=body,
-            ))
+            mailbox_id, uidnext, highestmodseq = row
+            next_uid[(account_id, mailbox)] = [mailbox_id, uidnext - count,
+                                               highestmodseq - count + 1]
             mark_changed(conn, mailbox_id)
-            conn.execute(insert(t.events).values(
-                created_at=now, kind=delivery.event, account_id=account_id,
-                detail=json.dumps({**delivery.detail, "uid": uid, "mailbox": delivery.mailbox}),
-            ))
-            uids.append((account_id, uid))
-        return Delivered(blob_id, tuple(uids))
+        messages, events, results = [], [], []
+        for delivery, blob_id in zip(deliveries, blob_ids, strict=True):
+            envelope, bodystructure, body = delivery.structure or (None, None, None)
+            uids = []
+            for account_id in sorted(set(delivery.account_ids)):
+                slot = next_uid[(account_id, delivery.mailbox)]
+                mailbox_id, uid, modseq = slot
+                slot[1], slot[2] = uid + 1, modseq + 1
+                messages.append({
+                    "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq,
+                    "flags": delivery.flags, "internal_date": delivery.internal_date or now,
+                    "size": len(delivery.raw), "blob_id": blob_id, "envelope": envelope,
+                    "bodystructure": bodystructure, "body": body})
+                events.append({
+                    "created_at": now, "kind": delivery.event, "account_id": account_id,
+                    "detail": json.dumps({**delivery.detail, "uid": uid,
+                                          "mailbox": delivery.mailbox})})
+                uids.append((account_id, uid))
+            results.append(Delivered(blob_id, tuple(uids)))
+        if messages:
+            conn.execute(insert(t.messages), messages)
+            conn.execute(insert(t.events), events)
+        return results
 
     # --- IMAP ----------------------------------------------------------------------------
     def fetch_rows(self, mailbox_id: int, uids: list[int], with_raw: bool,
