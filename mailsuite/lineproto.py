@@ -59,6 +59,9 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
 
     def close(self) -> None:
         self._closing = True
+        # Reading may be paused by hold(); TLS needs to read the peer's close_notify before
+        # the connection is really gone (and its per-IP slot given back).
+        self.transport.resumeProducing()
         self.transport.loseConnection()
 
     def discard_input(self) -> None:
@@ -70,6 +73,14 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
         return self._lost or self._closing
 
     # --- machinery -----------------------------------------------------------------------
+    def makeConnection(self, transport: Any) -> None:
+        # Replies are small writes answered by the client; Nagle plus delayed ACKs would add
+        # tens of milliseconds to each (most visibly under TLS).
+        tcp = getattr(transport, "transport", transport)
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)
+        super().makeConnection(transport)
+
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return

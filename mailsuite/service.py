@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -14,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.imap.server import IMAPFactory
+from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
 from mailsuite.smtp.dns import install_resolver, make_resolver
@@ -40,10 +44,12 @@ class ReadyService(service.Service):
 class StoreService(service.Service):
     """Starts the store's thread pool (and LISTEN thread) with the reactor; joins them after."""
 
-    def __init__(self, pool: ThreadPool, store: Store, listener: PostgresListener | None) -> None:
+    def __init__(self, pool: ThreadPool, store: Store, listener: PostgresListener | None,
+                 lease_prefix: str) -> None:
         self.pool = pool
         self.store = store
         self.listener = listener
+        self.lease_prefix = lease_prefix
 
     def startService(self) -> None:
         super().startService()
@@ -56,6 +62,9 @@ class StoreService(service.Service):
         if self.listener is not None:
             self.listener.stop()
         self.pool.stop()
+        # Sessions still open die with the process: their maildrop leases must not outlive
+        # it. The reactor is stopping, so this one blocking call harms nobody.
+        self.store.lock_release_all(self.lease_prefix)
         self.store.close()
 
 
@@ -82,7 +91,8 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     tls_options = server_context(config)
 
     top = service.MultiService()
-    StoreService(pool, store, listener).setServiceParent(top)
+    lease_prefix = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+    StoreService(pool, store, listener, lease_prefix).setServiceParent(top)
     listeners: dict[str, str] = {}
 
     def listen(name: str, endpoint: str, factory: protocol.Factory,
@@ -106,15 +116,18 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         )
         listen("mx", config.listen.mx, MXFactory(context, tls_options))
     authenticator = Authenticator(async_store, reactor)
-    listen("pop3", config.listen.pop3,
-           POP3Factory(config, async_store, authenticator, tls_options))
-    listen("pop3s", config.listen.pop3s,
-           POP3Factory(config, async_store, authenticator, tls_options, implicit_tls=True),
-           implicit_tls=True)
+    # The plain and implicit-TLS ports of a protocol share one per-address count.
+    pop3_connections = ConnectionCounter(config.pop3.max_connections_per_ip)
+    for name, implicit in (("pop3", False), ("pop3s", True)):
+        listen(name, getattr(config.listen, name),
+               POP3Factory(config, async_store, authenticator, tls_options, pop3_connections,
+                           lease_prefix, implicit_tls=implicit), implicit_tls=implicit)
+    imap_ip = ConnectionCounter(config.imap.max_connections_per_ip)
+    imap_account = ConnectionCounter(config.imap.max_connections_per_account)
     for name, implicit in (("imap", False), ("imaps", True)):
         listen(name, getattr(config.listen, name),
                IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
-                           implicit_tls=implicit), implicit_tls=implicit)
+                           imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
     ReadyService(listeners).setServiceParent(top)
     log.info("mailsuite configured: store={backend}",
              backend="sqlite" if store.db.is_sqlite else "postgresql")

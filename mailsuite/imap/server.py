@@ -51,6 +51,7 @@ class IMAPError(Exception):
 class IMAPFactory(protocol.ServerFactory):
     def __init__(self, config: Config, store: AsyncStore, authenticator: Authenticator,
                  notifier: Notifier, tls_options: Any | None, reactor: Any,
+                 per_ip: ConnectionCounter, per_account: ConnectionCounter,
                  implicit_tls: bool = False) -> None:
         self.config = config
         self.store = store
@@ -59,8 +60,8 @@ class IMAPFactory(protocol.ServerFactory):
         self.tls_options = tls_options
         self.reactor = reactor
         self.implicit_tls = implicit_tls
-        self.per_ip = ConnectionCounter(config.imap.max_connections_per_ip)
-        self.per_account = ConnectionCounter(config.imap.max_connections_per_account)
+        self.per_ip = per_ip  # both shared by the imap and imaps listeners
+        self.per_account = per_account
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         proto = IMAPServer()

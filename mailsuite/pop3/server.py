@@ -33,13 +33,15 @@ MAX_LINE = 255  # RFC 2449 4: commands are at most 255 octets including CRLF
 
 class POP3Factory(protocol.ServerFactory):
     def __init__(self, config: Config, store: AsyncStore, authenticator: Authenticator,
-                 tls_options: Any | None, implicit_tls: bool = False) -> None:
+                 tls_options: Any | None, connections: ConnectionCounter, lease_prefix: str,
+                 implicit_tls: bool = False) -> None:
         self.config = config
         self.store = store
         self.authenticator = authenticator
         self.tls_options = tls_options
         self.implicit_tls = implicit_tls
-        self.connections = ConnectionCounter(config.pop3.max_connections_per_ip)
+        self.connections = connections  # shared by pop3 and pop3s
+        self.lease_prefix = lease_prefix  # this process's leases, released at shutdown
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         proto = POP3Server()
@@ -80,6 +82,9 @@ class _ChunkProducer:
 
 def dot_stuff(raw: bytes) -> bytes:
     """The multi-line response body for `raw`: CRLF lines, dot-stuffed, ending CRLF.CRLF."""
+    if b"\r" in raw.replace(b"\r\n", b"") or b"\n" in raw.replace(b"\r\n", b""):
+        # A bare CR or LF (possible in APPENDed mail) would let a lone "." end us early.
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if raw and not raw.endswith(b"\r\n"):
         raw += b"\r\n"
     return (b"\r\n" + raw).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
@@ -117,7 +122,7 @@ class POP3Server(SerialLineProtocol):
         self.account: AccountRow | None = None
         self.listing: Listing | None = None
         self.deleted: set[int] = set()  # message numbers marked by DELE
-        self._holder = secrets.token_hex(16)
+        self._holder = ""
         self._lease_taken = 0.0
         self._sasl_pending = False
         self._counted = False
@@ -152,6 +157,7 @@ class POP3Server(SerialLineProtocol):
             self.close()
             return
         self._counted = True
+        self._holder = f"{self.factory.lease_prefix}:{secrets.token_hex(8)}"
         self.setTimeout(self.factory.config.pop3.idle_timeout)
         self.send("+OK mailsuite POP3 server ready")
 
@@ -203,12 +209,17 @@ class POP3Server(SerialLineProtocol):
 
     # --- AUTHORIZATION -------------------------------------------------------------------
     def pop_CAPA(self, args: list[str]) -> None:
+        if args:
+            self.send("-ERR CAPA takes no arguments")
+            return
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if self.state == "AUTHORIZATION":
-            if self.auth_allowed:
-                caps += ["USER", "SASL PLAIN"]
-            if self.factory.tls_options is not None and not self.tls:
-                caps.append("STLS")
+        # USER and SASL are announced in both states (RFC 2449 5, 6.2, 6.3); STLS only
+        # where it can still be used (RFC 2595 4).
+        if self.auth_allowed:
+            caps += ["USER", "SASL PLAIN"]
+        if self.state == "AUTHORIZATION" and self.factory.tls_options is not None \
+                and not self.tls:
+            caps.append("STLS")
         caps.append("IMPLEMENTATION mailsuite")
         self.transport.write(("+OK Capability list follows\r\n" + "".join(
             f"{cap}\r\n" for cap in caps) + ".\r\n").encode())
@@ -332,7 +343,7 @@ class POP3Server(SerialLineProtocol):
             self.send("-ERR wrong number of arguments")
             return None
         word = args[0]
-        if not word.isdigit() or len(word) > 9:
+        if not (word.isascii() and word.isdigit()) or len(word) > 9:
             self.send("-ERR invalid message number")
             return None
         number = int(word)
@@ -388,10 +399,12 @@ class POP3Server(SerialLineProtocol):
         number = self._message(args[:1]) if len(args) == 2 else self._message(args, 2)
         if number is None:
             return None
-        if not args[1].isdigit() or len(args[1]) > 9:
+        lines = args[1]
+        if not (lines.isascii() and lines.isdigit()):
             self.send("-ERR invalid line count")
             return None
-        return self._send_message(number, int(args[1]))
+        # RFC 1939: a count beyond the body sends all of it; no need to parse 50 digits.
+        return self._send_message(number, int(lines[:10]) if len(lines) <= 10 else 10**10)
 
 
     def _send_message(self, number: int, top_lines: int | None) -> defer.Deferred:
@@ -440,6 +453,9 @@ class POP3Server(SerialLineProtocol):
 
 
     def pop_QUIT(self, args: list[str]) -> defer.Deferred | None:
+        if args:
+            self.send("-ERR QUIT takes no arguments")
+            return None
         if self.state != "TRANSACTION":
             self.send("+OK mailsuite POP3 server signing off")
             self.close()

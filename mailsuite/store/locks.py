@@ -40,3 +40,9 @@ class LocksMixin:
         with self.db.write() as conn:
             conn.execute(delete(t.locks).where(and_(t.locks.c.name == name,
                                                     t.locks.c.holder == holder)))
+
+    def lock_release_all(self, holder_prefix: str) -> int:
+        """Give back every lease whose holder starts with `holder_prefix` (a process's own)."""
+        with self.db.write() as conn:
+            return conn.execute(delete(t.locks).where(
+                t.locks.c.holder.startswith(holder_prefix, autoescape=True))).rowcount
