@@ -61,6 +61,8 @@ class Selected:
         """Take in what changed; the untagged responses to send now (without CRLF)."""
         out: list[str] = []
         self.highestmodseq = changes.highestmodseq
+        latest = dict(changes.flag_changes)
+        new: list[int] = []
         if changes.uids is not None:
             present = set(changes.uids)
             self.gone |= {uid for uid in self.uids if uid not in present}
@@ -70,9 +72,14 @@ class Selected:
                 self.uids.extend(sorted(new))
                 self.uidnext = max(new) + 1
                 for uid in new:
-                    self.flags.setdefault(uid, "")
+                    self.flags[uid] = latest.get(uid, "")
+                    self.keywords |= {f for f in self.flags[uid].split()
+                                      if not f.startswith("\\")}
                 out.append(f"* {len(self.uids)} EXISTS")
+        fresh = set(new)
         for uid, flags in changes.flag_changes:
+            if uid in fresh:
+                continue  # the client asks for a new message's flags when it wants them
             if uid in self.flags and uid not in self.gone and self.flags[uid] != flags:
                 self.flags[uid] = flags
                 self.keywords |= {f for f in flags.split() if not f.startswith("\\")}

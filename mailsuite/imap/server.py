@@ -590,6 +590,9 @@ class IMAPServer(SerialLineProtocol):
         request = fetching.parse_items(args[1:], uid)
         uids = box.live_uids(wanted)
         mark_seen = request.sets_seen and not box.readonly
+        if mark_seen and "FLAGS" not in request.items:
+            # RFC 3501 6.4.5: the \Seen this FETCH sets is reported with it.
+            request = fetching.FetchRequest([*request.items, "FLAGS"])
         self.transport.registerProducer(self._gate, True)
         try:
             for start in range(0, len(uids), FETCH_CHUNK):

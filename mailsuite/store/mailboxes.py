@@ -54,7 +54,7 @@ class MailboxChanges:
 
     highestmodseq: int
     uids: list[int] | None  # every UID now present, when anything was added or removed
-    flag_changes: list[tuple[int, str]]  # (uid, flags) of messages whose flags changed
+    flag_changes: list[tuple[int, str]]  # (uid, flags) of messages changed or added
 
 
 def _valid_name(name: str) -> str:
@@ -239,11 +239,11 @@ class MailboxesMixin:
                                .where(t.mailboxes.c.id == mailbox_id)).first()
             if box is None or box.highestmodseq == known_modseq:
                 return None
+            # New messages come too: the session needs their flags as much as the changes.
             flag_rows = conn.execute(
                 select(t.messages.c.uid, t.messages.c.flags)
                 .where(and_(t.messages.c.mailbox_id == mailbox_id,
-                            t.messages.c.modseq > known_modseq,
-                            t.messages.c.uid < known_uidnext))
+                            t.messages.c.modseq > known_modseq))
                 .order_by(t.messages.c.uid)).all()
             count = conn.scalar(select(func.count())
                                 .where(t.messages.c.mailbox_id == mailbox_id))
