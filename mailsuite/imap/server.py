@@ -9,6 +9,7 @@ answer in chunks and waits while the client is not reading.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from mailsuite.imap.utf7 import encode_mailbox
 from mailsuite.lineproto import SerialLineProtocol
 from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier
-from mailsuite.store import AccountRow, AsyncStore, NotFound, StoreError
+from mailsuite.store import AccountRow, AsyncStore, InUse, NotFound, StoreError
 from mailsuite.structure import imap_structure as structure_of
 
 log = Logger(namespace="mailsuite.imap")
@@ -116,6 +117,7 @@ class IMAPServer(SerialLineProtocol):
         self._sasl_tag: str | None = None
         self._gate = _OutputGate()
         self._syncing = False
+        self._sync_again = False
         self._started = time.monotonic()
         self._commands = 0
         self._counted_ip = False
@@ -210,7 +212,12 @@ class IMAPServer(SerialLineProtocol):
         else:
             self._parts = [line]
             self._literal_total = 0
-        marker = p.literal_at_end(line)
+        try:
+            marker = p.literal_at_end(line)
+        except p.ParseError as exc:  # e.g. {4294967296}: refused before anything is read
+            self.send(f"{_guess_tag(self._parts[0])} BAD {exc}")
+            self._parts = []
+            return None
         if marker is not None:
             return self._start_literal(*marker)
         parts, self._parts = self._parts, []
@@ -254,7 +261,11 @@ class IMAPServer(SerialLineProtocol):
         if self.state not in allowed:
             self.send(f"{command.tag} BAD {command.name} is not allowed now")
             return None
-        return self._run(command.tag, handler(command.tag, command.args))
+        try:
+            work = handler(command.tag, command.args)
+        except Exception:
+            return self._run(command.tag, defer.fail())
+        return self._run(command.tag, work)
 
     def _run(self, tag: str, work: Any) -> defer.Deferred | None:
         """Finish a command: its text, or a Deferred/coroutine producing it, then the tag."""
@@ -275,6 +286,8 @@ class IMAPServer(SerialLineProtocol):
             self.send(f"{tag} BAD {failure.value}")
         elif failure.check(NotFound):
             self.send(f"{tag} NO [NONEXISTENT] {failure.value}")
+        elif failure.check(InUse):
+            self.send(f"{tag} NO [INUSE] {failure.value}")
         elif failure.check(StoreError):
             self.send(f"{tag} NO {failure.value}")
         else:
@@ -443,14 +456,21 @@ class IMAPServer(SerialLineProtocol):
         matches = p.mailbox_pattern(reference, pattern)
         boxes = await self.store.mailbox_list(self.account.id)
         names = {box.name for box in boxes}
+        if lsub:
+            # Subscriptions are names; one whose mailbox is gone is listed \Noselect.
+            for name in await self.store.subscriptions(self.account.id):
+                if matches(name):
+                    attribute = "" if name in names else "\\Noselect"
+                    self.send(f'* LSUB ({attribute}) "/" {_mailbox_wire(name)}')
+            return "OK LSUB completed"
         for box in boxes:
-            if not matches(box.name) or (lsub and not box.subscribed):
+            if not matches(box.name):
                 continue
             has_children = any(n.startswith(box.name + "/") for n in names)
             attributes = ["\\HasChildren" if has_children else "\\HasNoChildren"]
             if box.special_use:
                 attributes.append(box.special_use)
-            if not lsub and box.subscribed:
+            if box.subscribed:
                 attributes.append("\\Subscribed")
             self.send(f'* {verb} ({" ".join(attributes)}) "/" {_mailbox_wire(box.name)}')
         return f"OK {verb} completed"
@@ -732,7 +752,10 @@ class IMAPServer(SerialLineProtocol):
     async def sync(self, allow_expunge: bool) -> None:
         """Tell the client what other sessions changed in the selected mailbox."""
         box = self.selected
-        if box is None or self._syncing:
+        if box is None:
+            return
+        if self._syncing:
+            self._sync_again = True  # a change arrived while we looked: look once more
             return
         self._syncing = True
         try:
@@ -747,6 +770,9 @@ class IMAPServer(SerialLineProtocol):
                     self.send(line)
         finally:
             self._syncing = False
+        if self._sync_again:
+            self._sync_again = False
+            await self.sync(allow_expunge or self._idle_tag is not None)
 
     def _deselect(self) -> None:
         if self.selected is not None:
@@ -805,9 +831,13 @@ def _no_args(args: list) -> None:
         raise p.ParseError("this command takes no arguments")
 
 
+_TAG = re.compile(rb'[^\x00-\x20\x7f-\xff(){%*"\\+]+')
+
+
 def _guess_tag(line: bytes) -> str:
+    """The tag to answer a broken command with; "*" when it has no valid tag."""
     word = line.split(b" ", 1)[0]
-    return word.decode("ascii", "replace") if word and word.isascii() else "*"
+    return word.decode("ascii") if _TAG.fullmatch(word) else "*"
 
 
 def _guess_name(line: bytes) -> str:

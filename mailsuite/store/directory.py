@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,6 +13,7 @@ from mailsuite.store import schema as t
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound
 from mailsuite.store.mail import MailMixin
+from mailsuite.store.mailboxes import MailboxesMixin
 
 # An alias may point at another alias; this bounds the chain (and breaks loops).
 MAX_ALIAS_DEPTH = 8
@@ -239,12 +239,10 @@ class DirectoryMixin:
 
     @staticmethod
     def _create_default_mailboxes(conn: Connection, account_id: int) -> None:
-        uidvalidity = int(time.time()) & 0x7FFFFFFF
-        conn.execute(insert(t.mailboxes), [
-            {"account_id": account_id, "name": name, "special_use": special,
-             "uidvalidity": uidvalidity, "uidnext": 1, "highestmodseq": 1, "subscribed": True}
-            for name, special in t.DEFAULT_MAILBOXES
-        ])
+        for name, special in t.DEFAULT_MAILBOXES:
+            MailboxesMixin._insert_mailbox(conn, account_id, name, special)
+        conn.execute(insert(t.subscriptions), [
+            {"account_id": account_id, "name": name} for name, _ in t.DEFAULT_MAILBOXES])
 
     @staticmethod
     def _delete_account(conn: Connection, account_id: int) -> None:
@@ -253,6 +251,7 @@ class DirectoryMixin:
         orphan_candidates = set(conn.scalars(blob_ids))
         conn.execute(delete(t.messages).where(t.messages.c.mailbox_id.in_(mailbox_ids)))
         conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
+        conn.execute(delete(t.subscriptions).where(t.subscriptions.c.account_id == account_id))
         conn.execute(update(t.events).where(t.events.c.account_id == account_id)
                      .values(account_id=None))
         conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))

@@ -137,7 +137,9 @@ class MailMixin:
                 slot[1], slot[2] = uid + 1, modseq + 1
                 messages.append({
                     "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq,
-                    "flags": delivery.flags, "internal_date": delivery.internal_date or now,
+                    "flags": delivery.flags,
+                    # UTC: SQLite keeps no offset, so one given as -0700 would come back shifted.
+                    "internal_date": (delivery.internal_date or now).astimezone(UTC),
                     "size": len(delivery.raw), "blob_id": blob_id, "envelope": envelope,
                     "bodystructure": bodystructure, "body": body})
                 events.append({

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailsuite.store import schema as t
 from mailsuite.store.engine import Database, mark_changed
-from mailsuite.store.errors import Conflict, NotFound, StoreError
+from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
 
 DELIMITER = "/"
 
@@ -71,11 +71,22 @@ class MailboxesMixin:
     def mailbox_list(self, account_id: int) -> list[MailboxInfo]:
         with self.db.read() as conn:
             rows = conn.execute(
-                select(t.mailboxes.c.id, t.mailboxes.c.name, t.mailboxes.c.special_use,
-                       t.mailboxes.c.subscribed)
+                select(t.mailboxes.c.id, t.mailboxes.c.name, t.mailboxes.c.special_use)
                 .where(t.mailboxes.c.account_id == account_id).order_by(t.mailboxes.c.name)
             ).all()
-        return [MailboxInfo(*row) for row in rows]
+            subscribed = set(self._subscribed(conn, account_id))
+        return [MailboxInfo(i, name, special, name in subscribed) for i, name, special in rows]
+
+    def subscriptions(self, account_id: int) -> list[str]:
+        """Subscribed names, whether or not such a mailbox exists now."""
+        with self.db.read() as conn:
+            return self._subscribed(conn, account_id)
+
+    @staticmethod
+    def _subscribed(conn: Connection, account_id: int) -> list[str]:
+        return list(conn.scalars(select(t.subscriptions.c.name)
+                                 .where(t.subscriptions.c.account_id == account_id)
+                                 .order_by(t.subscriptions.c.name)))
 
     def mailbox_create(self, account_id: int, name: str) -> None:
         """Create `name`, and any missing parents (RFC 3501 6.3.3)."""
@@ -98,14 +109,16 @@ class MailboxesMixin:
     def _insert_mailbox(conn: Connection, account_id: int, name: str,
                         special_use: str | None = None) -> None:
         # A new UIDVALIDITY each time, so a mailbox recreated under an old name is new to
-        # every client (RFC 3501 2.3.1.1): larger than any this account used so far.
-        latest = conn.scalar(select(func.max(t.mailboxes.c.uidvalidity))
-                             .where(t.mailboxes.c.account_id == account_id)) or 0
-        uidvalidity = max(int(time.time()) & 0x7FFFFFFF, latest + 1)
+        # every client (RFC 3501 2.3.1.1): larger than any this account ever used.
+        now = int(time.time()) & 0x7FFFFFFF
+        last = t.accounts.c.last_uidvalidity
+        uidvalidity = conn.execute(
+            update(t.accounts).where(t.accounts.c.id == account_id)
+            .values(last_uidvalidity=case((last + 1 > now, last + 1), else_=now))
+            .returning(t.accounts.c.last_uidvalidity)).scalar_one()
         conn.execute(insert(t.mailboxes).values(
             account_id=account_id, name=name, special_use=special_use,
-            uidvalidity=uidvalidity, uidnext=1, highestmodseq=1, subscribed=True,
-            recent_uid=0))
+            uidvalidity=uidvalidity, uidnext=1, highestmodseq=1, recent_uid=0))
 
     def mailbox_delete(self, account_id: int, name: str) -> list[int]:
         """Delete a mailbox and its messages; returns the blob ids it referred to."""
@@ -114,6 +127,13 @@ class MailboxesMixin:
             raise StoreError("INBOX cannot be deleted")
         with self.db.write() as conn:
             box_id = self._mailbox_id(conn, account_id, name)
+            children = conn.scalar(select(func.count()).where(and_(
+                t.mailboxes.c.account_id == account_id,
+                t.mailboxes.c.name.startswith(name + DELIMITER, autoescape=True))))
+            if children:
+                # As Dovecot does: the alternative, a \Noselect name, leaves a folder that
+                # clients show but cannot use.
+                raise InUse(f"mailbox {name} has children; delete them first")
             blob_ids = set(conn.scalars(select(t.messages.c.blob_id)
                                         .where(t.messages.c.mailbox_id == box_id)))
             conn.execute(delete(t.messages).where(t.messages.c.mailbox_id == box_id))
@@ -178,13 +198,15 @@ class MailboxesMixin:
 
     def mailbox_subscribe(self, account_id: int, name: str, subscribed: bool) -> None:
         name = _valid_name(name)
+        where = and_(t.subscriptions.c.account_id == account_id, t.subscriptions.c.name == name)
         with self.db.write() as conn:
-            done = conn.execute(
-                update(t.mailboxes)
-                .where(and_(t.mailboxes.c.account_id == account_id, t.mailboxes.c.name == name))
-                .values(subscribed=subscribed)).rowcount
-        if not done:
-            raise NotFound(f"no mailbox {name}")
+            present = conn.scalar(select(t.subscriptions.c.name).where(where)) is not None
+            if subscribed and not present:
+                conn.execute(insert(t.subscriptions).values(account_id=account_id, name=name))
+            elif not subscribed:
+                if not present:
+                    raise NotFound(f"not subscribed to {name}")
+                conn.execute(delete(t.subscriptions).where(where))
 
     def mailbox_status(self, account_id: int, name: str) -> MailboxStatus:
         name = _valid_name(name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -52,6 +51,8 @@ accounts = Table(
     Column("address", String(320), nullable=False, unique=True),  # lower-cased local@domain
     Column("password_hash", String(100), nullable=False),
     Column("quota_bytes", BigInteger, nullable=True),
+    # The last UIDVALIDITY given to any of its mailboxes: a new one is always larger.
+    Column("last_uidvalidity", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
@@ -65,10 +66,17 @@ mailboxes = Table(
     Column("uidvalidity", BigInteger, nullable=False),
     Column("uidnext", BigInteger, nullable=False, default=1),
     Column("highestmodseq", BigInteger, nullable=False, default=1),
-    Column("subscribed", Boolean, nullable=False, default=True),
     # Messages above this UID are \Recent for the next session that SELECTs (RFC 3501 2.3.2).
     Column("recent_uid", BigInteger, nullable=False, default=0),
     UniqueConstraint("account_id", "name", name="uq_mailboxes_account_name"),
+)
+
+# IMAP subscriptions are names, not mailboxes: they outlive a DELETE (RFC 3501 6.3.6).
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("account_id", Id, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(1000), primary_key=True),
 )
 
 blobs = Table(

@@ -232,15 +232,16 @@ def test_account_add_creates_the_six_default_mailboxes_with_special_use(store: S
     with store.db.read() as conn:
         rows = conn.execute(
             select(t.mailboxes.c.name, t.mailboxes.c.special_use, t.mailboxes.c.uidnext,
-                   t.mailboxes.c.highestmodseq, t.mailboxes.c.subscribed,
-                   t.mailboxes.c.uidvalidity)
+                   t.mailboxes.c.highestmodseq, t.mailboxes.c.uidvalidity)
             .where(t.mailboxes.c.account_id == account).order_by(t.mailboxes.c.id)).all()
     assert [(r.name, r.special_use) for r in rows] == [
         ("INBOX", None), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
         ("Junk", "\\Junk"), ("Archive", "\\Archive"),
     ]
-    assert all(r.uidnext == 1 and r.subscribed for r in rows)
+    assert all(r.uidnext == 1 for r in rows)
     assert all(0 < r.uidvalidity < 2**32 for r in rows)
+    assert len({r.uidvalidity for r in rows}) == 6  # each mailbox its own
+    assert set(store.subscriptions(account)) == {r.name for r in rows}
 
 
 def test_removing_an_account_removes_its_mail_and_orphaned_blobs_only(store: Store) -> None:
