@@ -35,6 +35,7 @@ from mailsuite.structure import imap_structure as structure_of
 log = Logger(namespace="mailsuite.imap")
 
 FETCH_CHUNK = 200  # messages loaded from the store per round trip
+FETCH_CHUNK_BODIES = 8  # when whole messages are loaded: bounds memory per session
 MAX_LITERALS = 64  # literals in one command
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 SYSTEM_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
@@ -613,10 +614,11 @@ class IMAPServer(SerialLineProtocol):
         if mark_seen and "FLAGS" not in request.items:
             # RFC 3501 6.4.5: the \Seen this FETCH sets is reported with it.
             request = fetching.FetchRequest([*request.items, "FLAGS"])
+        step = FETCH_CHUNK_BODIES if request.needs_raw else FETCH_CHUNK
         self.transport.registerProducer(self._gate, True)
         try:
-            for start in range(0, len(uids), FETCH_CHUNK):
-                chunk = uids[start:start + FETCH_CHUNK]
+            for start in range(0, len(uids), step):
+                chunk = uids[start:start + step]
                 if mark_seen:
                     for changed_uid, flags in await self.store.store_flags(
                             box.id, chunk, "+", ["\\Seen"]):
