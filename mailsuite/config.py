@@ -23,6 +23,7 @@ class ConfigError(Exception):
 class ServerConfig:
     hostname: str = "localhost"
     data_dir: str = "var"
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,13 @@ def _validate(config: Config, name: str, text: str) -> None:
             fail("smtp", key, "must be at least 1")
     if config.smtp.max_command_line < 512:
         fail("smtp", "max_command_line", "RFC 5321 needs at least 512")
+    if config.server.reuse_port:
+        from mailsuite.listeners import parse_tcp_endpoint
+
+        for key in ("mx", "pop3", "pop3s", "imap", "imaps"):
+            value = getattr(config.listen, key)
+            if value and parse_tcp_endpoint(value) is None:
+                fail("listen", key, "with server.reuse_port, use a tcp: or tcp6: endpoint")
     if config.pop3.idle_timeout <= 0:
         fail("pop3", "idle_timeout", "must be positive")
     if config.pop3.max_connections_per_ip < 1:

@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.imap.server import IMAPFactory
+from mailsuite.listeners import SharedPortService
 from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
@@ -101,7 +102,10 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
             return
         if implicit_tls:
             factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        child = strports.service(endpoint, factory)
+        if config.server.reuse_port:
+            child: service.Service = SharedPortService(endpoint, factory, reactor)
+        else:
+            child = strports.service(endpoint, factory)
         child.setName(name)
         child.setServiceParent(top)
         listeners[name] = endpoint

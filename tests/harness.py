@@ -46,11 +46,13 @@ class Mailsuite:
     """One mailsuite process with its own config, data dir and ports."""
 
     def __init__(self, workdir: Path, db_url: str, dns_address: str,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 ports: dict[str, int] | None = None) -> None:
         self.workdir = workdir
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps")}
+        self.ports = dict(ports) if ports else {
+            name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps")}
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
             "database": {"url": db_url, "pool_size": 4},
