@@ -78,20 +78,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
-import multiprocessing as mp
 import os
-import queue
 import random
 import re
 import resource
-import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -99,22 +92,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run as a script: importable from the repository root (mailsuite, tests) and from this
+# directory (common), wherever it is started from.
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(path) for path in (BENCH.parents[1], BENCH) if str(path) not in sys.path]
+
+import common  # noqa: E402
 
 from mailsuite.passwords import hash_password  # noqa: E402
 from mailsuite.store import Delivery  # noqa: E402
 from mailsuite.structure import imap_structure  # noqa: E402
-from tests.dnsserver import DNSServerHandle, start_dns_server  # noqa: E402
+from tests.dnsserver import DNSServerHandle  # noqa: E402
 from tests.harness import Mailsuite  # noqa: E402
 
-DEFAULT_PG_URL = os.environ.get("MAILSUITE_TEST_PG_URL",
-                                "postgresql://postgres@127.0.0.1:5432/postgres")
 DOMAIN = "imap-bench.test"
 PASSWORD = "bench-password"
 SENDER = "bench@sender.test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CAPS = {"max_connections_per_ip": 5000, "max_connections_per_account": 5000}
 # Fixed-width marker in the template's Subject and Message-ID, replaced per message.
 MARK = b"QQQQ.QQQQQQQ"
@@ -128,18 +121,7 @@ KINDS = ["LOGIN", "SELECT", "FETCH FLAGS", "FETCH ENVELOPE", "FETCH BODY[]", "ST
 
 def make_body(size: int, seed: int = 3501) -> bytes:
     """About `size` bytes of text in CRLF lines of at most 78 octets."""
-    rng = random.Random(seed)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(500)]
-    lines, total = [], 0
-    while total < size:
-        line = b""
-        while len(line) < 70:
-            line += rng.choice(words) + b" "
-        line = line[: max(1, min(76, size - total - 2))].rstrip() or b"x"
-        lines.append(line + b"\r\n")
-        total += len(lines[-1])
-    return b"".join(lines)
+    return common.text_body(size, seed)
 
 
 def tag_of(account: int, seq: int) -> bytes:
@@ -193,19 +175,12 @@ def analyze(server: Mailsuite) -> float:
 def fill_inbox(server: Mailsuite, account_id: int, account: int, count: int, template: Template,
                batch: int, progress: Callable[[int], None] | None = None) -> float:
     """Deliver `count` messages through the store; the seconds it took."""
-    start = time.monotonic()
-    for first in range(0, count, batch):
-        deliveries = []
-        for seq in range(first, min(count, first + batch)):
-            raw, structure = template.make(account, seq)
-            deliveries.append(Delivery(raw, (account_id,), structure=structure))
-        results = server.store.deliver_many(deliveries)
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            raise RuntimeError(f"delivery through the store failed: {failed[0]!r}")
-        if progress is not None:
-            progress(first + len(deliveries))
-    return time.monotonic() - start
+
+    def make(seq: int) -> Delivery:
+        raw, structure = template.make(account, seq)
+        return Delivery(raw, (account_id,), structure=structure)
+
+    return common.deliver_in_batches(server, count, batch, make, progress)[1]
 
 
 # ------------------------------------------------------------------------ the IMAP client
@@ -316,123 +291,38 @@ class Client:
 # ------------------------------------------------------------------------------- measuring
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_status_kib(pid: int, key: str) -> int | None:
-    """A memory figure from /proc/<pid>/status (VmRSS, VmHWM), in KiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def mib(kib: int | None) -> str:
     return f"{kib / 1024:.1f} MiB" if kib is not None else "n/a"
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-class PostgresCPU:
-    """CPU of the PostgreSQL backends serving one database (when PostgreSQL runs here)."""
-
-    def __init__(self, admin_url: str, dbname: str) -> None:
-        self.admin_url = admin_url
-        self.dbname = dbname
-        self.start: dict[int, float] = {}
-
-    def _sample(self) -> dict[int, float]:
-        import psycopg2
-
-        conn = psycopg2.connect(self.admin_url, connect_timeout=5)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
-                            (self.dbname,))
-                pids = [row[0] for row in cur.fetchall()]
-        finally:
-            conn.close()
-        return {pid: cpu for pid in pids if (cpu := proc_cpu_seconds(pid)) is not None}
-
-    def begin(self) -> None:
-        with contextlib.suppress(Exception):
-            self.start = self._sample()
-
-    def end(self) -> float | None:
-        try:
-            now = self._sample()
-        except Exception:
-            return None
-        if not now:
-            return None
-        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in now.items())
-
-
-def host_busy_seconds() -> float:
-    """CPU seconds all CPUs spent busy since boot, from /proc/stat."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / CLK_TCK
 
 
 class Meter:
     """CPU of the server, of PostgreSQL and of this process and its children over a span."""
 
-    def __init__(self, pid: int, postgres: PostgresCPU | None) -> None:
+    def __init__(self, pid: int, postgres: common.PostgresCPU | None) -> None:
         self.pid = pid
         self.postgres = postgres
 
     def __enter__(self) -> Meter:
-        self.server0 = proc_cpu_seconds(self.pid) or 0.0
-        self.own0 = own_cpu_seconds()
-        self.children0 = children_cpu_seconds()
+        self.server0 = common.proc_cpu_seconds(self.pid) or 0.0
+        self.own0 = common.own_cpu_seconds()
+        self.children0 = common.children_cpu_seconds()
         if self.postgres is not None:
             self.postgres.begin()
-        self.host0 = host_busy_seconds()
+        self.host0 = common.host_busy_seconds()
         self.t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.monotonic() - self.t0
-        self.server = (proc_cpu_seconds(self.pid) or 0.0) - self.server0
-        self.client = (own_cpu_seconds() - self.own0
-                       + children_cpu_seconds() - self.children0)
+        self.server = (common.proc_cpu_seconds(self.pid) or 0.0) - self.server0
+        self.client = (common.own_cpu_seconds() - self.own0
+                       + common.children_cpu_seconds() - self.children0)
         self.pg = self.postgres.end() if self.postgres is not None else None
-        self.host = host_busy_seconds() - self.host0
+        self.host = common.host_busy_seconds() - self.host0
 
     def line(self) -> str:
         def share(cpu: float | None) -> str:
-            if cpu is None:
-                return "n/a"
-            return f"{cpu:.1f} s ({100 * cpu / self.seconds:.0f}% of a core)"
+            return common.format_cpu(cpu, self.seconds, core="a core")
 
         text = f"server {share(self.server)}, clients {share(self.client)}"
         if self.postgres is not None:
@@ -456,41 +346,13 @@ def server_log_problems(server: Mailsuite) -> list[str]:
 # ------------------------------------------------------------------------------ setup
 
 
-def _pg_admin(url: str):  # type: ignore[no-untyped-def]
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    return conn
-
-
-@contextlib.contextmanager
-def pg_database(admin_url: str) -> Iterator[tuple[str, str]]:
-    """A throwaway database: yields (its URL, its name); dropped afterwards, whatever happens."""
-    name = f"mailsuite_bench_{secrets.token_hex(5)}"
-    conn = _pg_admin(admin_url)
-    try:
-        conn.cursor().execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    try:
-        base, _, _ = admin_url.rpartition("/")
-        yield f"{base}/{name}", name
-    finally:
-        conn = _pg_admin(admin_url)
-        try:
-            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
-
-
 @dataclass
 class Env:
     """A started server on a fresh database, for one scenario."""
 
     server: Mailsuite
     pid: int
-    postgres: PostgresCPU | None
+    postgres: common.PostgresCPU | None
     addresses: list[str] = field(default_factory=list)
     account_ids: list[int] = field(default_factory=list)
 
@@ -502,20 +364,15 @@ class Env:
 def environment(backend: str, scenario: str, args: argparse.Namespace, dns: DNSServerHandle,
                 workroot: Path) -> Iterator[Env]:
     workdir = workroot / f"{backend}-{scenario}"
+    overrides = {
+        "auth": {"allow_plaintext": True, "bcrypt_rounds": args.bcrypt_rounds},
+        "database": {"pool_size": args.pool_size},
+        "imap": dict(CAPS),
+    }
     with contextlib.ExitStack() as stack:
-        postgres = None
-        if backend == "sqlite":
-            db_url = f"sqlite:///{workdir / 'var' / 'mailsuite.db'}"
-        else:
-            db_url, dbname = stack.enter_context(pg_database(args.pg_url))
-            postgres = PostgresCPU(args.pg_url, dbname)
-        server = Mailsuite(workdir, db_url, dns.address, {
-            "auth": {"allow_plaintext": True, "bcrypt_rounds": args.bcrypt_rounds},
-            "database": {"pool_size": args.pool_size},
-            "imap": dict(CAPS),
-        })
-        server.start(timeout=60)
-        stack.callback(server.stop)
+        db_url, postgres = stack.enter_context(
+            common.backend_database(backend, workdir, args.pg_url))
+        server = stack.enter_context(common.running_server(workdir, db_url, dns, overrides))
         assert server.process is not None
         server.store.domain_add(DOMAIN)
         yield Env(server, server.process.pid, postgres)
@@ -529,18 +386,9 @@ def add_accounts(env: Env, count: int, bcrypt_rounds: int) -> None:
         env.addresses.append(address)
 
 
-def _interrupted(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM: unwind through every cleanup once, then ignore repeats."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def block(title: str, rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    head = f"== {title} "
-    return "\n".join([head + "=" * max(4, 78 - len(head))]
-                     + [f"{k:<{width}}  {v}" for k, v in rows])
+    # Wider than the SMTP and POP3 blocks: the mix rows carry a rate and two latencies.
+    return common.format_block(title, rows, width=78)
 
 
 # ------------------------------------------------------------------------------------ mix
@@ -677,43 +525,20 @@ def run_mix(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
         shared = args.clients > args.accounts
         print(f"[{backend}/mix] server pid {env.pid}; {args.clients} clients for "
               f"{args.seconds:.0f} s ...", flush=True)
-        ctx = mp.get_context("fork")
-        barrier = ctx.Barrier(args.clients + 1)
-        results = ctx.Queue()
         host, port = env.server.imap
-        procs = []
         outcomes = []
-        try:
+        with common.ClientProcesses(args.clients, "imap-client") as clients:
             for index in range(args.clients):
                 account = index % args.accounts
-                proc = ctx.Process(
-                    target=mix_worker, name=f"imap-client-{index}", daemon=True,
-                    args=(host, port, env.addresses[account], account, args.mailbox, shared,
-                          args.seconds, args.relogin_every, template.raw, 1000 + index,
-                          args.quickack, barrier, results, index))
-                proc.start()
-                procs.append(proc)
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(timeout=300)
+                clients.start(mix_worker, (
+                    host, port, env.addresses[account], account, args.mailbox, shared,
+                    args.seconds, args.relogin_every, template.raw, 1000 + index,
+                    args.quickack))
+            clients.wait_for_start(timeout=300)
             with env.meter() as meter:
                 for _ in range(args.clients):
-                    while True:
-                        try:
-                            outcomes.append(results.get(timeout=1.0))
-                            break
-                        except queue.Empty:
-                            dead = [p for p in procs if p.exitcode not in (None, 0)]
-                            if dead:
-                                raise RuntimeError(f"client {dead[0].name} died with exit "
-                                                   f"code {dead[0].exitcode}") from None
-                for proc in procs:  # reaped, so that their CPU counts (RUSAGE_CHILDREN)
-                    proc.join(10)
-        finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.terminate()
-            for proc in procs:
-                proc.join(5)
+                    outcomes.append(clients.next_result())
+                clients.join(10)  # reaped, so that their CPU counts (RUSAGE_CHILDREN)
         failures = [f"client {o[0]}: {o[6]}" for o in outcomes if o[6]]
         if failures:
             raise RuntimeError("clients failed:\n  " + "\n  ".join(failures[:10]))
@@ -746,14 +571,14 @@ def run_mix(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             if not values:
                 continue
             rows.append((f"  {kind}", f"{len(values) / elapsed:8.1f} /s   p50 "
-                                     f"{percentile(values, 50) * 1000:7.1f} ms   p99 "
-                                     f"{percentile(values, 99) * 1000:7.1f} ms   "
+                                     f"{common.percentile(values, 50) * 1000:7.1f} ms   p99 "
+                                     f"{common.percentile(values, 99) * 1000:7.1f} ms   "
                                      f"({len(values)})"))
         rows += [
             ("CPU", meter.line()),
             ("host", f"{os.cpu_count()} CPUs shared by server, database and clients"),
-            ("server RSS", f"{mib(proc_status_kib(env.pid, 'VmRSS'))} now, "
-                           f"{mib(proc_status_kib(env.pid, 'VmHWM'))} peak"),
+            ("server RSS", f"{mib(common.proc_status_kib(env.pid, 'VmRSS'))} now, "
+                           f"{mib(common.proc_status_kib(env.pid, 'VmHWM'))} peak"),
             ("errors", f"{error_count}" + ("" if not errors else
                                            "\n    " + "\n    ".join(errors[:10]))),
         ]
@@ -789,19 +614,19 @@ def run_large(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
         fill = fill_inbox(env.server, env.account_ids[0], 0, count, template, args.batch,
                           progress)
         analyzed = analyze(env.server) if args.analyze else None
-        rss_before = proc_status_kib(env.pid, "VmRSS")
+        rss_before = common.proc_status_kib(env.pid, "VmRSS")
         print(f"[{backend}/large] filled in {fill:.1f} s; server pid {env.pid}, "
               f"RSS {mib(rss_before)}; measuring ...", flush=True)
         timings: list[tuple[str, str]] = []
 
         def timed(what: str, call: Callable[[], Any], note: Callable[[Any], str]) -> Any:
-            cpu0 = own_cpu_seconds()
-            server0 = proc_cpu_seconds(env.pid) or 0.0
+            cpu0 = common.own_cpu_seconds()
+            server0 = common.proc_cpu_seconds(env.pid) or 0.0
             start = time.perf_counter()
             result = call()
             seconds = time.perf_counter() - start
-            server_cpu = (proc_cpu_seconds(env.pid) or 0.0) - server0
-            client_cpu = own_cpu_seconds() - cpu0
+            server_cpu = (common.proc_cpu_seconds(env.pid) or 0.0) - server0
+            client_cpu = common.own_cpu_seconds() - cpu0
             timings.append((what, f"{seconds * 1000:9.1f} ms  {note(result)}  (server CPU "
                                   f"{server_cpu:.2f} s, client CPU {client_cpu:.2f} s)"))
             return result
@@ -846,7 +671,7 @@ def run_large(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             timed("LOGOUT", lambda: client.command(b"LOGOUT"), lambda _: "")
         finally:
             client.close()
-        peak = proc_status_kib(env.pid, "VmHWM")
+        peak = common.proc_status_kib(env.pid, "VmHWM")
         problems = server_log_problems(env.server)
         rows = [
             ("mailbox", f"{count} messages of {len(template.raw)} bytes in one INBOX; client "
@@ -857,7 +682,7 @@ def run_large(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
              if analyzed is not None else "no ANALYZE after the fill (--no-analyze)"),
             *timings,
             ("server RSS", f"{mib(rss_before)} before the client, "
-                           f"{mib(proc_status_kib(env.pid, 'VmRSS'))} after, "
+                           f"{mib(common.proc_status_kib(env.pid, 'VmRSS'))} after, "
                            f"{mib(peak)} peak (VmHWM)"),
             ("server log", f"{len(problems)} error lines" + (
                 "" if not problems else "\n    " + "\n    ".join(problems[:10]))),
@@ -969,11 +794,11 @@ async def idle_async(env: Env, args: argparse.Namespace, template: Template,
     idlers = [Idler(address) for address in env.addresses]
     host, port = env.server.imap
     gate = asyncio.Semaphore(50)  # the listen backlog is 50
-    rss0 = proc_status_kib(env.pid, "VmRSS")
+    rss0 = common.proc_status_kib(env.pid, "VmRSS")
     with env.meter() as meter:
         await asyncio.gather(*(start_idler(i, host, port, gate) for i in idlers))
     await asyncio.sleep(2.0)  # let the server settle
-    rss1 = proc_status_kib(env.pid, "VmRSS")
+    rss1 = common.proc_status_kib(env.pid, "VmRSS")
     per = ((rss1 - rss0) / len(idlers)) if rss0 and rss1 else None
     notes += [
         ("connect", f"{len(idlers)} idlers (LOGIN, SELECT, IDLE) in {meter.seconds:.1f} s; "
@@ -987,9 +812,9 @@ async def idle_async(env: Env, args: argparse.Namespace, template: Template,
     loop = asyncio.get_running_loop()
     latencies = []
     expected: dict[str, int] = {}
-    idle_cpu0 = proc_cpu_seconds(env.pid) or 0.0
+    idle_cpu0 = common.proc_cpu_seconds(env.pid) or 0.0
     await asyncio.sleep(5.0)
-    idle_cpu = (proc_cpu_seconds(env.pid) or 0.0) - idle_cpu0
+    idle_cpu = (common.proc_cpu_seconds(env.pid) or 0.0) - idle_cpu0
     notes.append(("idle CPU", f"server {idle_cpu / 5 * 100:.1f}% of a core while "
                               f"{len(idlers)} sessions idle"))
     with env.meter() as meter:
@@ -1008,8 +833,8 @@ async def idle_async(env: Env, args: argparse.Namespace, template: Template,
             await asyncio.sleep(0.02)
     values = sorted(latencies)
     notes.append(("250 -> EXISTS", f"{len(values)} deliveries one at a time: p50 "
-                                   f"{percentile(values, 50) * 1000:.1f} ms, p95 "
-                                   f"{percentile(values, 95) * 1000:.1f} ms, max "
+                                   f"{common.percentile(values, 50) * 1000:.1f} ms, p95 "
+                                   f"{common.percentile(values, 95) * 1000:.1f} ms, max "
                                    f"{values[-1] * 1000:.1f} ms, min "
                                    f"{values[0] * 1000:.1f} ms (below 0: the EXISTS was read "
                                    f"before the 250); {meter.line()}"))
@@ -1030,7 +855,7 @@ async def idle_async(env: Env, args: argparse.Namespace, template: Template,
     spread = sorted(t - accepted for t in seen)
     notes.append(("fan-out", f"1 message to {len(fan)} idlers: first EXISTS "
                              f"{spread[0] * 1000:.1f} ms, p50 "
-                             f"{percentile(spread, 50) * 1000:.1f} ms, last "
+                             f"{common.percentile(spread, 50) * 1000:.1f} ms, last "
                              f"{spread[-1] * 1000:.1f} ms after the 250"))
     await asyncio.sleep(0.5)
     wrong = [i for i in idlers if len(i.exists_times) != expected.get(i.address, 0)]
@@ -1082,7 +907,7 @@ def run_idle(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
         notes: list[tuple[str, str]] = [("setup", f"{args.idlers} accounts, one idler each; "
                                                   f"{limit}")]
         asyncio.run(idle_async(env, args, template, notes))
-        notes.append(("server RSS peak", mib(proc_status_kib(env.pid, "VmHWM"))))
+        notes.append(("server RSS peak", mib(common.proc_status_kib(env.pid, "VmHWM"))))
         problems = server_log_problems(env.server)
         notes.append(("server log", f"{len(problems)} error lines" + (
             "" if not problems else "\n    " + "\n    ".join(problems[:10]))))
@@ -1095,7 +920,7 @@ def run_idle(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="IMAP benchmark of mailsuite (see the module docstring).")
-    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    common.add_backend_argument(parser)
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="length of the mix run; 0 skips it (20)")
     parser.add_argument("--clients", type=int, default=10, metavar="K",
@@ -1128,9 +953,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bcrypt cost of the accounts' passwords (4)")
     parser.add_argument("--pool-size", type=int, default=8,
                         help="the server's [database] pool_size (8)")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                        help="PostgreSQL admin URL; throwaway databases are created through "
-                             "it (default: $MAILSUITE_TEST_PG_URL or %(default)s)")
+    common.add_pg_url_argument(parser, several=True)
     args = parser.parse_args(argv)
     if args.clients < 1 or args.accounts < 1 or args.relogin_every < 1 or args.batch < 1:
         parser.error("--clients, --accounts, --relogin-every and --batch must be positive")
@@ -1149,21 +972,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    stray = sorted(k for k in os.environ
-                   if k.startswith("MAILSUITE_") and not k.startswith("MAILSUITE_TEST_"))
-    if stray:
-        print(f"note: the server will honour {', '.join(stray)} from the environment",
-              file=sys.stderr)
+    backends = common.backends_of(args.backend)
+    common.prepare_run()
     load = os.getloadavg()[0]
     print(f"host: {os.cpu_count()} CPUs, load average {load:.2f} before the run; the clients "
           "run on the same CPUs as the server (their CPU is shown with each result)",
           flush=True)
-    workroot = Path(tempfile.mkdtemp(prefix="mailsuite-imap-bench-"))
-    failed = False
-    dns: DNSServerHandle | None = None
     scenarios = []
     if args.seconds > 0:
         scenarios.append(run_mix)
@@ -1171,27 +985,15 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append(run_large)
     if args.idlers:
         scenarios.append(run_idle)
-    try:
-        dns = start_dns_server({"records": {}}, workroot)
+
+    def work(dns: DNSServerHandle, workroot: Path) -> None:
         for backend in backends:
             for scenario in scenarios:
                 print(scenario(backend, args, dns, workroot), flush=True)
-    except KeyboardInterrupt:
-        failed = True
-        print("\ninterrupted; cleaning up ...", file=sys.stderr)
-    except Exception as exc:
-        failed = True
-        print(f"\nbenchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        for log in sorted(workroot.glob("*/twistd.log")):
-            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            print(f"--- last lines of {log}:\n" + "\n".join(tail), file=sys.stderr)
-    finally:
-        if dns is not None:
-            dns.stop()
-        if failed:
-            print(f"(work directory kept: {workroot})", file=sys.stderr)
-        else:
-            shutil.rmtree(workroot, ignore_errors=True)
+
+    # No DNS records: the server wants a resolver, not any particular answer.
+    failed = common.run_benchmark("mailsuite-imap-bench-", {"records": {}}, work,
+                                  name_exception_type=True)
     return 1 if failed else 0
 
 

@@ -36,38 +36,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import poplib
-import random
-import resource
 import secrets
-import shutil
-import signal
 import ssl
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run as a script: importable from the repository root (mailsuite, tests) and from this
+# directory (common), wherever it is started from.
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(path) for path in (BENCH.parents[1], BENCH) if str(path) not in sys.path]
+
+import common  # noqa: E402
 
 from mailsuite.passwords import hash_password  # noqa: E402
 from mailsuite.store import Delivery  # noqa: E402
-from tests.dnsserver import DNSServerHandle, start_dns_server  # noqa: E402
+from tests.dnsserver import DNSServerHandle  # noqa: E402
 from tests.harness import Mailsuite  # noqa: E402
 
-DEFAULT_PG_URL = os.environ.get("MAILSUITE_TEST_PG_URL",
-                                "postgresql://postgres@127.0.0.1:5432/postgres")
 DOMAIN = "mailsuite-bench.test"
 ADDRESS = f"pop3@{DOMAIN}"
 PASSWORD = "bench password"
-SEQ_HEADER = b"X-Bench-Seq"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ messages
@@ -76,20 +68,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def make_body(size: int) -> bytes:
     """About `size` bytes of text in CRLF lines of at most 78 octets; some start with a dot,
     so that dot-stuffing is part of the work."""
-    rng = random.Random(1939)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(500)]
-    lines, total = [], 0
-    while total < size:
-        line = b""
-        while len(line) < 70:
-            line += rng.choice(words) + b" "
-        line = line[: max(1, min(76, size - total - 2))].rstrip() or b"x"
-        if len(lines) % 17 == 5:
-            line = b"." + line[1:]
-        lines.append(line + b"\r\n")
-        total += len(lines[-1])
-    return b"".join(lines)
+    return common.text_body(size, 1939, dot_lines=True)
 
 
 def make_message(seq: int, body: bytes) -> bytes:
@@ -98,7 +77,7 @@ def make_message(seq: int, body: bytes) -> bytes:
             f"Subject: POP3 benchmark message {seq}\r\n"
             "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
             f"Message-ID: <bench.{seq}.{secrets.token_hex(6)}@sender.test>\r\n"
-            f"{SEQ_HEADER.decode()}: {seq:06d}\r\n"
+            f"{common.SEQ_HEADER.decode()}: {seq:06d}\r\n"
             "\r\n").encode() + body
 
 
@@ -108,95 +87,19 @@ def body_for(size: int) -> bytes:
     return make_body(max(16, size - overhead))
 
 
-# ---------------------------------------------------------------------------- measuring
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_peak_rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # --------------------------------------------------------------------------------- setup
 
 
-def _pg_admin(url: str):  # type: ignore[no-untyped-def]
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    return conn
-
-
-@contextlib.contextmanager
-def pg_database(admin_url: str) -> Iterator[str]:
-    """A throwaway database: yields its URL; dropped afterwards, whatever happens."""
-    name = f"mailsuite_bench_{secrets.token_hex(5)}"
-    conn = _pg_admin(admin_url)
-    try:
-        conn.cursor().execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    try:
-        base, _, _ = admin_url.rpartition("/")
-        yield f"{base}/{name}"
-    finally:
-        conn = _pg_admin(admin_url)
-        try:
-            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
-
-
-@contextlib.contextmanager
-def running_server(workdir: Path, db_url: str, dns: DNSServerHandle) -> Iterator[Mailsuite]:
-    server = Mailsuite(workdir, db_url, dns.address, {"auth": {"allow_plaintext": True}})
-    try:
-        server.start(timeout=60)
-        yield server
-    finally:
-        server.stop()
+# --via plain sends USER/PASS without TLS, which the server refuses unless allowed.
+SERVER_OVERRIDES: dict[str, dict[str, Any]] = {"auth": {"allow_plaintext": True}}
 
 
 def fill_inbox(server: Mailsuite, account_id: int, args: argparse.Namespace) -> tuple[int, float]:
     """Deliver --messages messages through the store; (total bytes, seconds taken)."""
     body = body_for(args.size)
-    total = 0
-    start = time.monotonic()
-    for first in range(0, args.messages, args.batch):
-        batch = [Delivery(make_message(seq, body), (account_id,))
-                 for seq in range(first, min(args.messages, first + args.batch))]
-        results = server.store.deliver_many(batch)
-        failed = [r for r in results if isinstance(r, Exception)]
-        if failed:
-            raise RuntimeError(f"delivery through the store failed: {failed[0]!r}")
-        total += sum(len(d.raw) for d in batch)
-    return total, time.monotonic() - start
-
-
-def _interrupted(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM: unwind through every cleanup once, then ignore repeats."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    return common.deliver_in_batches(
+        server, args.messages, args.batch,
+        lambda seq: Delivery(make_message(seq, body), (account_id,)))
 
 
 # ----------------------------------------------------------------------------------- run
@@ -229,9 +132,7 @@ class Result:
 
     def block(self) -> str:
         def cpu(seconds: float | None) -> str:
-            if seconds is None:
-                return "n/a"
-            return f"{seconds:.1f} s ({100 * seconds / self.retr_seconds:.0f}% of one core)"
+            return common.format_cpu(seconds, self.retr_seconds)
 
         rows = [
             ("backend", self.backend),
@@ -253,11 +154,7 @@ class Result:
             ("server peak RSS", f"{self.peak_rss_kib / 1024:.1f} MiB (VmHWM)"
              if self.peak_rss_kib else "n/a"),
         ]
-        width = max(len(k) for k, _ in rows)
-        title = f"== mailsuite POP3 RETR load: {self.backend} "
-        lines = [title + "=" * max(4, 72 - len(title))]
-        lines += [f"{k:<{width}}  {v}" for k, v in rows]
-        return "\n".join(lines)
+        return common.format_block(f"mailsuite POP3 RETR load: {self.backend}", rows)
 
 
 def connect(server: Mailsuite, via: str) -> poplib.POP3:
@@ -284,12 +181,9 @@ def timed(call: Any) -> tuple[Any, float]:
 def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
                 workdir: Path) -> Result:
     with contextlib.ExitStack() as stack:
-        if backend == "sqlite":
-            db_url = f"sqlite:///{workdir / 'var' / 'mailsuite.db'}"
-        else:
-            db_url = stack.enter_context(pg_database(args.pg_url))
+        db_url, _ = stack.enter_context(common.backend_database(backend, workdir, args.pg_url))
         print(f"[{backend}] starting server ...", flush=True)
-        server = stack.enter_context(running_server(workdir, db_url, dns))
+        server = stack.enter_context(common.running_server(workdir, db_url, dns, SERVER_OVERRIDES))
         assert server.process is not None
         pid = server.process.pid
         server.store.domain_add(DOMAIN)
@@ -317,8 +211,8 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             if len(listing) != args.messages or len(uidls) != args.messages:
                 raise RuntimeError("LIST or UIDL does not list every message")
 
-            cpu_server = proc_cpu_seconds(pid)
-            cpu_client = own_cpu_seconds()
+            cpu_server = common.proc_cpu_seconds(pid)
+            cpu_client = common.own_cpu_seconds()
             wire = 0
             start = time.perf_counter()
             for number in range(1, args.messages + 1):
@@ -327,13 +221,13 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
                 # poplib has undone the dot-stuffing: check the message is whole and right.
                 got = sum(len(line) + 2 for line in lines)
                 want = int(listing[number - 1].split()[1])
-                seq = next((line for line in lines[:8] if line.startswith(SEQ_HEADER)), b"")
-                if got != want or seq != b"%s: %06d" % (SEQ_HEADER, number - 1):
+                seq = next((line for line in lines[:8] if line.startswith(common.SEQ_HEADER)), b"")
+                if got != want or seq != b"%s: %06d" % (common.SEQ_HEADER, number - 1):
                     raise RuntimeError(f"RETR {number}: {got} bytes (expected {want}), "
                                        f"{seq!r}")
             retr_seconds = time.perf_counter() - start
-            cpu_client = own_cpu_seconds() - cpu_client
-            cpu_end = proc_cpu_seconds(pid)
+            cpu_client = common.own_cpu_seconds() - cpu_client
+            cpu_end = common.proc_cpu_seconds(pid)
             server_cpu = (cpu_end - cpu_server
                           if cpu_end is not None and cpu_server is not None else None)
             client.quit()
@@ -347,14 +241,14 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             fill_seconds=fill_seconds, login_seconds=login_seconds, stat_seconds=stat_seconds,
             list_seconds=list_seconds, uidl_seconds=uidl_seconds, retr_seconds=retr_seconds,
             wire_bytes=wire, server_cpu=server_cpu, client_cpu=cpu_client,
-            peak_rss_kib=proc_peak_rss_kib(pid),
+            peak_rss_kib=common.proc_peak_rss_kib(pid),
         )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="POP3 RETR benchmark of mailsuite (see the module docstring).")
-    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    common.add_backend_argument(parser)
     parser.add_argument("--messages", type=int, default=10_000, metavar="N",
                         help="messages in the maildrop (10000)")
     parser.add_argument("--size", type=int, default=4096, metavar="BYTES",
@@ -363,9 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="deliveries per store transaction while filling (500)")
     parser.add_argument("--via", choices=["plain", "stls", "pop3s"], default="plain",
                         help="plain TCP (allow_plaintext), STLS, or implicit TLS (plain)")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                        help="PostgreSQL admin URL; a throwaway database is created through it "
-                             "(default: $MAILSUITE_TEST_PG_URL or %(default)s)")
+    common.add_pg_url_argument(parser)
     args = parser.parse_args(argv)
     if args.messages < 1 or args.size < 1 or args.batch < 1:
         parser.error("--messages, --size and --batch must be positive")
@@ -376,42 +268,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    stray = sorted(k for k in os.environ
-                   if k.startswith("MAILSUITE_") and not k.startswith("MAILSUITE_TEST_"))
-    if stray:
-        print(f"note: the server will honour {', '.join(stray)} from the environment",
-              file=sys.stderr)
-    workroot = Path(tempfile.mkdtemp(prefix="mailsuite-pop3-bench-"))
-    results: list[Result] = []
-    failed = False
-    dns: DNSServerHandle | None = None
-    try:
-        dns = start_dns_server({"records": {}}, workroot)
-        for backend in backends:
-            result = run_backend(backend, args, dns, workroot / backend)
-            results.append(result)
-            print(result.block(), flush=True)
-    except KeyboardInterrupt:
-        failed = True
-        print("\ninterrupted; cleaning up ...", file=sys.stderr)
-    except Exception as exc:
-        failed = True
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
-        for log in sorted(workroot.glob("*/twistd.log")):
-            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            print(f"--- last lines of {log}:\n" + "\n".join(tail), file=sys.stderr)
-    finally:
-        if dns is not None:
-            dns.stop()
-        if failed:
-            print(f"(work directory kept: {workroot})", file=sys.stderr)
-        else:
-            shutil.rmtree(workroot, ignore_errors=True)
+    backends = common.backends_of(args.backend)
+    common.prepare_run()
+    # No DNS records: the server only needs a resolver to start.
+    results, failed = common.run_each_backend(
+        "mailsuite-pop3-bench-", {"records": {}}, backends,
+        lambda backend, dns, workdir: run_backend(backend, args, dns, workdir))
     if len(results) > 1:
-        print("\n== summary " + "=" * 61)
+        print(common.SUMMARY_TITLE)
         print(f"{'backend':<12}{'msg/s':>10}{'MB/s':>10}{'login ms':>10}{'RETR s':>10}")
         for r in results:
             print(f"{r.backend:<12}{r.rate:>10.0f}{r.mb_rate:>10.2f}"

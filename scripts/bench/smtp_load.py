@@ -39,48 +39,38 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import math
-import multiprocessing as mp
 import os
-import queue
-import random
-import resource
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run as a script: importable from the repository root (mailsuite, tests) and from this
+# directory (common), wherever it is started from.
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(path) for path in (BENCH.parents[1], BENCH) if str(path) not in sys.path]
 
+import common  # noqa: E402
 import dkim  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from mailsuite.passwords import hash_password  # noqa: E402
-from tests.dnsserver import DNSServerHandle, start_dns_server  # noqa: E402
+from tests.dnsserver import DNSServerHandle  # noqa: E402
 from tests.harness import Mailsuite  # noqa: E402
 
-DEFAULT_PG_URL = os.environ.get("MAILSUITE_TEST_PG_URL",
-                                "postgresql://postgres@127.0.0.1:5432/postgres")
 SENDER_DOMAIN = "bench-sender.test"
 SENDER = f"bench@{SENDER_DOMAIN}"
 DKIM_SELECTOR = "bench"
 RCPT_DOMAIN = "mailsuite-bench.test"
 RCPT = f"inbox@{RCPT_DOMAIN}"
 HELO = f"client.{SENDER_DOMAIN}"
-SEQ_HEADER = b"X-Bench-Seq"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ messages
@@ -110,18 +100,7 @@ def sender_zones(dkim_public: str) -> dict[str, Any]:
 
 def _body(size: int) -> bytes:
     """About `size` bytes of text in 78-octet CRLF lines; no line starts with a dot."""
-    rng = random.Random(4096)
-    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
-             for _ in range(500)]
-    lines, total = [], 0
-    while total < size:
-        line = b""
-        while len(line) < 70:
-            line += rng.choice(words) + b" "
-        line = line[: max(1, min(76, size - total - 2))].rstrip() or b"x"
-        lines.append(line + b"\r\n")
-        total += len(lines[-1])
-    return b"".join(lines) or b"x\r\n"
+    return common.text_body(size, 4096) or b"x\r\n"
 
 
 def _signed(body: bytes, pem: bytes) -> bytes:
@@ -152,7 +131,7 @@ def make_template(size: int, pem: bytes, public: str) -> bytes:
 
     Returned dot-stuffed and ending with the CRLF.CRLF end-of-data marker, ready for DATA.
     """
-    seq_overhead = len(SEQ_HEADER) + len(b": 000000\r\n")
+    seq_overhead = len(common.SEQ_HEADER) + len(b": 000000\r\n")
     probe = _signed(_body(64), pem)  # measure headers + signature, then size the body
     overhead = len(probe) - len(_body(64)) + seq_overhead
     message = _signed(_body(max(3, size - overhead)), pem)
@@ -214,7 +193,7 @@ def client_worker(host: str, port: int, seqs: range, template: bytes, pipelining
         clock = time.perf_counter
         barrier.wait(timeout=120)
         for seq in seqs:
-            message = b"%s: %06d\r\n%s" % (SEQ_HEADER, seq, template)
+            message = b"%s: %06d\r\n%s" % (common.SEQ_HEADER, seq, template)
             start = clock()
             if pipelining:
                 sock.sendall(envelope)
@@ -243,142 +222,16 @@ def client_worker(host: str, port: int, seqs: range, template: bytes, pipelining
         results.put((index, b"", 0.0, f"{type(exc).__name__}: {exc}"))
 
 
-# ---------------------------------------------------------------------------- measuring
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_peak_rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def host_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return float(sum(values[:8]) - idle), float(sum(values[:8]))
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-class PostgresCPU:
-    """CPU of the PostgreSQL backends serving one database (when PostgreSQL runs here)."""
-
-    def __init__(self, admin_url: str, dbname: str) -> None:
-        self.admin_url = admin_url
-        self.dbname = dbname
-        self.start: dict[int, float] = {}
-
-    def _sample(self) -> dict[int, float]:
-        import psycopg2
-
-        conn = psycopg2.connect(self.admin_url, connect_timeout=5)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s",
-                            (self.dbname,))
-                pids = [row[0] for row in cur.fetchall()]
-        finally:
-            conn.close()
-        return {pid: cpu for pid in pids if (cpu := proc_cpu_seconds(pid)) is not None}
-
-    def begin(self) -> None:
-        with contextlib.suppress(Exception):
-            self.start = self._sample()
-
-    def end(self) -> float | None:
-        try:
-            now = self._sample()
-        except Exception:
-            return None
-        if not now:
-            return None
-        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in now.items())
-
-
 # --------------------------------------------------------------------------------- setup
 
 
-def _pg_admin(url: str):  # type: ignore[no-untyped-def]
-    import psycopg2
-
-    conn = psycopg2.connect(url, connect_timeout=5)
-    conn.autocommit = True
-    return conn
-
-
-@contextlib.contextmanager
-def pg_database(admin_url: str) -> Iterator[tuple[str, str]]:
-    """A throwaway database: yields (its URL, its name); dropped afterwards, whatever happens."""
-    name = f"mailsuite_bench_{secrets.token_hex(5)}"
-    conn = _pg_admin(admin_url)
-    try:
-        conn.cursor().execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    try:
-        base, _, _ = admin_url.rpartition("/")
-        yield f"{base}/{name}", name
-    finally:
-        conn = _pg_admin(admin_url)
-        try:
-            conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
-
-
-@contextlib.contextmanager
-def running_server(workdir: Path, db_url: str, dns: DNSServerHandle,
-                   args: argparse.Namespace) -> Iterator[Mailsuite]:
-    overrides = {
+def server_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    # No greeting delay and a per-IP cap above --connections: neither is what is measured.
+    return {
         "smtp": {"greeting_delay": 0.0,
                  "max_connections_per_ip": max(20, args.connections + 10)},
         "mx": {"auth_checks": not args.no_auth_checks},
     }
-    server = Mailsuite(workdir, db_url, dns.address, overrides)
-    try:
-        server.start(timeout=60)
-        yield server
-    finally:
-        server.stop()
-
-
-def _interrupted(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM: unwind through every cleanup once, then ignore repeats.
-
-    Ignoring a second Ctrl-C lets the cleanups (stopping the server, dropping the database)
-    finish instead of being cut short half-way.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------- run
@@ -413,9 +266,7 @@ class Result:
         cores = os.cpu_count() or 1
 
         def cpu(seconds: float | None) -> str:
-            if seconds is None:
-                return "n/a"
-            return f"{seconds:.1f} s ({100 * seconds / self.elapsed:.0f}% of one core)"
+            return common.format_cpu(seconds, self.elapsed)
 
         rows = [
             ("backend", self.backend),
@@ -426,8 +277,8 @@ class Result:
             ("pipelining", "on" if self.pipelining else "off"),
             ("elapsed", f"{self.elapsed:.2f} s"),
             ("throughput", f"{self.rate:.1f} messages/s"),
-            ("latency p50", f"{percentile(ms, 50):.1f} ms"),
-            ("latency p99", f"{percentile(ms, 99):.1f} ms"),
+            ("latency p50", f"{common.percentile(ms, 50):.1f} ms"),
+            ("latency p99", f"{common.percentile(ms, 99):.1f} ms"),
             ("latency max", f"{ms[-1]:.1f} ms" if ms else "n/a"),
             ("server CPU", cpu(self.server_cpu)),
             ("server CPU/msg", f"{1000 * self.server_cpu / self.messages:.2f} ms"
@@ -440,11 +291,7 @@ class Result:
             rows.append(("host CPU busy", f"{100 * self.host_busy:.0f}% of {cores} cores"))
         rss = f"{self.peak_rss_kib / 1024:.1f} MiB (VmHWM)" if self.peak_rss_kib else "n/a"
         rows.append(("server peak RSS", rss))
-        width = max(len(k) for k, _ in rows)
-        title = f"== mailsuite SMTP load: {self.backend} "
-        lines = [title + "=" * max(4, 72 - len(title))]
-        lines += [f"{k:<{width}}  {v}" for k, v in rows]
-        return "\n".join(lines)
+        return common.format_block(f"mailsuite SMTP load: {self.backend}", rows)
 
 
 def verify_inbox(server: Mailsuite, messages: int, auth_checks: bool) -> tuple[int, str]:
@@ -453,9 +300,9 @@ def verify_inbox(server: Mailsuite, messages: int, auth_checks: bool) -> tuple[i
     seqs, passes = set(), 0
     for message in stored:
         head = message.raw.split(b"\r\n\r\n", 1)[0]
-        marker = head.find(SEQ_HEADER + b": ")
+        marker = head.find(common.SEQ_HEADER + b": ")
         if marker >= 0:
-            seqs.add(int(head[marker + len(SEQ_HEADER) + 2:].split(b"\r\n", 1)[0]))
+            seqs.add(int(head[marker + len(common.SEQ_HEADER) + 2:].split(b"\r\n", 1)[0]))
         start = head.lower().find(b"authentication-results:")
         if start >= 0:
             value = head[start:].split(b"\r\n", 1)[0]
@@ -477,45 +324,26 @@ def verify_inbox(server: Mailsuite, messages: int, auth_checks: bool) -> tuple[i
 
 
 def run_clients(server: Mailsuite, template: bytes, args: argparse.Namespace,
-                on_start: Any) -> tuple[float, list[float], float]:
+                on_start: Callable[[], None]) -> tuple[float, list[float], float]:
     """(elapsed seconds, per-message latencies, client CPU seconds)."""
-    ctx = mp.get_context("fork")
     conns = args.connections
-    barrier = ctx.Barrier(conns + 1)
-    results = ctx.Queue()
     host, port = server.mx
-    procs = []
-    cpu_before = children_cpu_seconds()
-    try:
+    cpu_before = common.children_cpu_seconds()
+    with common.ClientProcesses(conns, "bench-client") as clients:
         for index in range(conns):
             seqs = range(index, args.messages, conns)  # distinct seqs, shares differ by <= 1
-            proc = ctx.Process(target=client_worker, name=f"bench-client-{index}", daemon=True,
-                               args=(host, port, seqs, template, args.pipelining, barrier,
-                                     results, index))
-            proc.start()
-            procs.append(proc)
-        # A broken barrier means a client failed before the start; its error is in the queue.
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=120)
+            clients.start(client_worker, (host, port, seqs, template, args.pipelining))
+        clients.wait_for_start(timeout=120)
         started = time.monotonic()
         on_start()
         latencies: list[float] = []
         finished = started
         errors = []
         for _ in range(conns):
-            while True:
-                try:
-                    index, raw, end, error = results.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    # a client that died without reporting is fatal
-                    dead = [p for p in procs if p.exitcode not in (None, 0)]
-                    if dead:
-                        raise RuntimeError(f"client {dead[0].name} died with exit code "
-                                           f"{dead[0].exitcode}") from None
+            index, raw, end, error = clients.next_result()
             if error:
                 errors.append(f"client {index}: {error}")
-                barrier.abort()
+                clients.barrier.abort()
                 continue
             values = array("d")
             values.frombytes(raw)
@@ -523,28 +351,18 @@ def run_clients(server: Mailsuite, template: bytes, args: argparse.Namespace,
             finished = max(finished, end)
         if errors:
             raise RuntimeError("clients failed:\n  " + "\n  ".join(errors[:10]))
-        for proc in procs:
-            proc.join(10)
-        return finished - started, latencies, children_cpu_seconds() - cpu_before
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join(5)
+        clients.join(10)
+        return finished - started, latencies, common.children_cpu_seconds() - cpu_before
 
 
 def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, template: bytes,
                 workdir: Path) -> Result:
     with contextlib.ExitStack() as stack:
-        postgres_cpu: PostgresCPU | None = None
-        if backend == "sqlite":
-            db_url = f"sqlite:///{workdir / 'var' / 'mailsuite.db'}"
-        else:
-            db_url, dbname = stack.enter_context(pg_database(args.pg_url))
-            postgres_cpu = PostgresCPU(args.pg_url, dbname)
+        db_url, postgres_cpu = stack.enter_context(
+            common.backend_database(backend, workdir, args.pg_url))
         print(f"[{backend}] starting server ...", flush=True)
-        server = stack.enter_context(running_server(workdir, db_url, dns, args))
+        server = stack.enter_context(
+            common.running_server(workdir, db_url, dns, server_overrides(args)))
         assert server.process is not None
         pid = server.process.pid
         server.store.domain_add(RCPT_DOMAIN)
@@ -555,14 +373,14 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
         samples: dict[str, Any] = {}
 
         def on_start() -> None:
-            samples["server_cpu"] = proc_cpu_seconds(pid)
-            samples["host"] = host_cpu()
+            samples["server_cpu"] = common.proc_cpu_seconds(pid)
+            samples["host"] = common.host_cpu_jiffies()
             if postgres_cpu is not None:
                 postgres_cpu.begin()
 
         elapsed, latencies, client_cpu = run_clients(server, template, args, on_start)
-        server_cpu_end = proc_cpu_seconds(pid)
-        host_end = host_cpu()
+        server_cpu_end = common.proc_cpu_seconds(pid)
+        host_end = common.host_cpu_jiffies()
         pg_cpu = postgres_cpu.end() if postgres_cpu is not None else None
         busy0, total0 = samples["host"]
         host_busy = ((host_end[0] - busy0) / (host_end[1] - total0)
@@ -570,11 +388,11 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
         server_cpu = (server_cpu_end - samples["server_cpu"]
                       if server_cpu_end is not None and samples["server_cpu"] is not None
                       else None)
-        peak = proc_peak_rss_kib(pid)
+        peak = common.proc_peak_rss_kib(pid)
         stored, auth_summary = verify_inbox(server, args.messages, not args.no_auth_checks)
         return Result(
             backend=backend, connections=args.connections, messages=args.messages,
-            size=args.size, wire_size=len(template) - 3 + len(SEQ_HEADER) + 10,
+            size=args.size, wire_size=len(template) - 3 + len(common.SEQ_HEADER) + 10,
             auth_checks=not args.no_auth_checks, pipelining=args.pipelining, elapsed=elapsed,
             latencies=latencies, stored=stored, auth_summary=auth_summary,
             server_cpu=server_cpu, client_cpu=client_cpu, postgres_cpu=pg_cpu,
@@ -585,16 +403,14 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="SMTP load benchmark of the mailsuite MX (see the module docstring).")
-    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    common.add_backend_argument(parser)
     parser.add_argument("--connections", type=int, default=10, metavar="C",
                         help="concurrent SMTP connections, one client process each (10)")
     parser.add_argument("--messages", type=int, default=2000, metavar="M",
                         help="messages in total, shared among the connections (2000)")
     parser.add_argument("--size", type=int, default=4096, metavar="BYTES",
                         help="approximate size of each message (4096)")
-    parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                        help="PostgreSQL admin URL; a throwaway database is created through it "
-                             "(default: $MAILSUITE_TEST_PG_URL or %(default)s)")
+    common.add_pg_url_argument(parser)
     parser.add_argument("--no-auth-checks", action="store_true",
                         help="turn off SPF/DKIM/ARC/DMARC verification ([mx] auth_checks)")
     parser.add_argument("--pipelining", action="store_true",
@@ -609,51 +425,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
-    signal.signal(signal.SIGINT, _interrupted)
-    signal.signal(signal.SIGTERM, _interrupted)
-    stray = sorted(k for k in os.environ
-                   if k.startswith("MAILSUITE_") and not k.startswith("MAILSUITE_TEST_"))
-    if stray:
-        print(f"note: the server will honour {', '.join(stray)} from the environment",
-              file=sys.stderr)
+    backends = common.backends_of(args.backend)
+    common.prepare_run()
 
     pem, public = make_dkim_key()
     template = make_template(args.size, pem, public)
-    workroot = Path(tempfile.mkdtemp(prefix="mailsuite-bench-"))
-    results: list[Result] = []
-    failed = keep_workdir = False
-    dns: DNSServerHandle | None = None
-    try:
-        dns = start_dns_server(sender_zones(public), workroot)
-        for backend in backends:
-            result = run_backend(backend, args, dns, template, workroot / backend)
-            results.append(result)
-            print(result.block(), flush=True)
-    except KeyboardInterrupt:
-        failed = True
-        print("\ninterrupted; cleaning up ...", file=sys.stderr)
-    except Exception as exc:
-        failed = True
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
-        for log in sorted(workroot.glob("*/twistd.log")):
-            keep_workdir = True
-            tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            print(f"--- last lines of {log}:\n" + "\n".join(tail), file=sys.stderr)
-    finally:
-        if dns is not None:
-            dns.stop()
-        if keep_workdir:
-            print(f"(work directory kept for its logs: {workroot})", file=sys.stderr)
-        else:
-            shutil.rmtree(workroot, ignore_errors=True)
+    results, failed = common.run_each_backend(
+        "mailsuite-bench-", sender_zones(public), backends,
+        lambda backend, dns, workdir: run_backend(backend, args, dns, template, workdir),
+        keep_only_for_logs=True)
     if len(results) > 1:
-        print("\n== summary " + "=" * 61)
+        print(common.SUMMARY_TITLE)
         print(f"{'backend':<12}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'elapsed s':>12}")
         for r in results:
             ms = sorted(v * 1000 for v in r.latencies)
-            print(f"{r.backend:<12}{r.rate:>10.1f}{percentile(ms, 50):>10.1f}"
-                  f"{percentile(ms, 99):>10.1f}{r.elapsed:>12.2f}")
+            print(f"{r.backend:<12}{r.rate:>10.1f}{common.percentile(ms, 50):>10.1f}"
+                  f"{common.percentile(ms, 99):>10.1f}{r.elapsed:>12.2f}")
     return 1 if failed else 0
 
 
