@@ -227,11 +227,14 @@ def client_worker(host: str, port: int, seqs: range, template: bytes, pipelining
 
 def server_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     # No greeting delay and a per-IP cap above --connections: neither is what is measured.
-    return {
+    overrides: dict[str, dict[str, Any]] = {
         "smtp": {"greeting_delay": 0.0,
                  "max_connections_per_ip": max(20, args.connections + 10)},
         "mx": {"auth_checks": not args.no_auth_checks},
     }
+    if args.processes > 1:
+        overrides["server"] = {"reuse_port": True}  # every process on the same ports
+    return overrides
 
 
 # ----------------------------------------------------------------------------------- run
@@ -241,6 +244,7 @@ def server_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 class Result:
     backend: str
     connections: int
+    processes: int
     messages: int
     size: int
     wire_size: int
@@ -271,6 +275,7 @@ class Result:
         rows = [
             ("backend", self.backend),
             ("connections", str(self.connections)),
+            ("server processes", str(self.processes)),
             ("messages", f"{self.messages} (INBOX holds {self.stored})"),
             ("size", f"{self.size} bytes requested, {self.wire_size} bytes per message"),
             ("auth checks", ("on: " + self.auth_summary) if self.auth_checks else "off"),
@@ -365,6 +370,14 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
             common.running_server(workdir, db_url, dns, server_overrides(args)))
         assert server.process is not None
         pid = server.process.pid
+        pids = [pid]
+        for extra in range(1, args.processes):
+            other = Mailsuite(workdir / f"process-{extra}", db_url, dns.address,
+                              server_overrides(args), ports=server.ports)
+            stack.callback(other.stop)
+            other.start(timeout=60)
+            assert other.process is not None
+            pids.append(other.process.pid)
         server.store.domain_add(RCPT_DOMAIN)
         server.store.account_add(RCPT, hash_password(secrets.token_hex(8), rounds=4))
         print(f"[{backend}] server pid {pid} on {server.mx[0]}:{server.mx[1]}; sending "
@@ -372,14 +385,18 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
 
         samples: dict[str, Any] = {}
 
+        def cpu_of_servers() -> float | None:
+            values = [common.proc_cpu_seconds(p) for p in pids]
+            return None if None in values else sum(v for v in values if v is not None)
+
         def on_start() -> None:
-            samples["server_cpu"] = common.proc_cpu_seconds(pid)
+            samples["server_cpu"] = cpu_of_servers()
             samples["host"] = common.host_cpu_jiffies()
             if postgres_cpu is not None:
                 postgres_cpu.begin()
 
         elapsed, latencies, client_cpu = run_clients(server, template, args, on_start)
-        server_cpu_end = common.proc_cpu_seconds(pid)
+        server_cpu_end = cpu_of_servers()
         host_end = common.host_cpu_jiffies()
         pg_cpu = postgres_cpu.end() if postgres_cpu is not None else None
         busy0, total0 = samples["host"]
@@ -388,10 +405,11 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle, te
         server_cpu = (server_cpu_end - samples["server_cpu"]
                       if server_cpu_end is not None and samples["server_cpu"] is not None
                       else None)
-        peak = common.proc_peak_rss_kib(pid)
+        peak = max((common.proc_peak_rss_kib(p) or 0) for p in pids) or None
         stored, auth_summary = verify_inbox(server, args.messages, not args.no_auth_checks)
         return Result(
-            backend=backend, connections=args.connections, messages=args.messages,
+            backend=backend, connections=args.connections, processes=args.processes,
+            messages=args.messages,
             size=args.size, wire_size=len(template) - 3 + len(common.SEQ_HEADER) + 10,
             auth_checks=not args.no_auth_checks, pipelining=args.pipelining, elapsed=elapsed,
             latencies=latencies, stored=stored, auth_summary=auth_summary,
@@ -413,6 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_pg_url_argument(parser)
     parser.add_argument("--no-auth-checks", action="store_true",
                         help="turn off SPF/DKIM/ARC/DMARC verification ([mx] auth_checks)")
+    parser.add_argument("--processes", type=int, default=1, metavar="P",
+                        help="server processes sharing the port with [server] reuse_port "
+                             "(PostgreSQL; default %(default)s)")
     parser.add_argument("--pipelining", action="store_true",
                         help="send MAIL, RCPT and DATA in one write (RFC 2920)")
     args = parser.parse_args(argv)
