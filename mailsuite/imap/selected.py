@@ -107,14 +107,3 @@ class Selected:
         """This session expunged (or moved away) `uids`: announce and forget them."""
         self.gone |= set(uids)
         return self.announce_expunged()
-
-    def add_new(self, uids: list[int], flags: str = "") -> list[str]:
-        """Messages this session put here itself (APPEND, COPY into the selected mailbox)."""
-        fresh = [uid for uid in uids if self.seq_of(uid) is None and uid >= self.uidnext]
-        if not fresh:
-            return []
-        self.uids.extend(sorted(fresh))
-        self.uidnext = max(fresh) + 1
-        for uid in fresh:
-            self.flags[uid] = flags
-        return [f"* {len(self.uids)} EXISTS"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, interfaces, protocol, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -807,8 +807,6 @@ class IMAPServer(SerialLineProtocol):
         return [box.uids[i - 1] for i in positions]
 
     def _in_thread(self, fn: Callable, *args: Any) -> defer.Deferred:
-        from twisted.internet import threads
-
         reactor = self.factory.reactor
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
 
