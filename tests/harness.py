@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,41 @@ class Mailsuite:
 
     def inbox(self, address: str) -> list[bytes]:
         return [m.raw for m in self.store.messages(address)]
+
+
+def own_server(backend: str, new_db_url: Callable[[str], str], dns_address: str,
+               tmp_path_factory: Any, name: str,
+               overrides: dict[str, dict[str, Any]] | None = None) -> Iterator[Mailsuite]:
+    """A server for one test module (yield from it in a module-scoped fixture)."""
+    server = Mailsuite(tmp_path_factory.mktemp(f"{name}-{backend}"), new_db_url(backend),
+                       dns_address, overrides)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_listening(address: tuple[str, int], timeout: float = 30.0) -> None:
+    """Block until `address` accepts TCP connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# A delivery agent for fetchmail and getmail: stdin into a Maildir, atomically (tmp, then new).
+MAILDIR_MDA = """\
+import os, secrets, sys, time
+maildir = sys.argv[1]
+name = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
+data = sys.stdin.buffer.read()
+with open(os.path.join(maildir, "tmp", name), "wb") as handle:
+    handle.write(data)
+os.rename(os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name))
+"""

@@ -21,25 +21,16 @@ from pathlib import Path
 import pytest
 
 from tests.dnsserver import DNSServerHandle
-from tests.harness import Mailsuite
-from tests.pop3.test_pop3_session import PASSWORD, cert_path, make_message, own_server, smtp_deliver
-
-MDA = """\
-import os, secrets, sys, time
-maildir = sys.argv[1]
-name = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
-data = sys.stdin.buffer.read()
-with open(os.path.join(maildir, "tmp", name), "wb") as handle:
-    handle.write(data)
-os.rename(os.path.join(maildir, "tmp", name), os.path.join(maildir, "new", name))
-"""
+from tests.harness import MAILDIR_MDA, Mailsuite, own_server
+from tests.pop3.test_pop3_session import PASSWORD, cert_path, make_message, smtp_deliver
 
 
 @pytest.fixture(scope="module")
 def mailsuite(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailsuite]:
     """This module's own server instead of the shared one (see own_server)."""
-    yield from own_server(backend, new_db_url, dns_server, tmp_path_factory, "getmail")
+    yield from own_server(backend, new_db_url, dns_server.address, tmp_path_factory,
+                          "getmail")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +53,7 @@ class Getmail:
         for sub in ("tmp", "new", "cur"):
             (self.maildir / sub).mkdir(parents=True)
         mda = workdir / "mda.py"
-        mda.write_text(MDA)
+        mda.write_text(MAILDIR_MDA)
         der = ssl.PEM_cert_to_DER_cert(cert_path(server).read_text())
         self.getmaildir = workdir / "getmail"
         self.getmaildir.mkdir()

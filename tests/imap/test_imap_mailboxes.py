@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from tests.harness import Mailsuite
+from tests.harness import Mailsuite, wait_listening
 from tests.imap.test_imap_session import (
     Atom,
     Wire,
@@ -17,7 +17,6 @@ from tests.imap.test_imap_session import (
     parse_data,
     quote,
     session,
-    wait_listening,
 )
 
 DEFAULT_FOLDERS = {"INBOX": None, "Archive": "\\Archive", "Drafts": "\\Drafts",

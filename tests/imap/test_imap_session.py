@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.dnsserver import DNSServerHandle
-from tests.harness import Mailsuite
+from tests.harness import Mailsuite, own_server
 
 PASSWORD = "correct horse"
 SENDER = "a@spf-pass.test"
@@ -352,28 +352,8 @@ def fetch_results(reply: Reply) -> dict[int, dict[str, Any]]:
 
 
 # --- servers and mail ----------------------------------------------------------------------
-def own_server(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
-               tmp_path_factory: pytest.TempPathFactory, name: str,
-               overrides: dict[str, dict[str, Any]] | None = None) -> Iterator[Mailsuite]:
-    server = Mailsuite(tmp_path_factory.mktemp(f"{name}-{backend}"), new_db_url(backend),
-                       dns_server.address, overrides)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
-def wait_listening(address: tuple[str, int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def make_message(subject: str = "hello", body: bytes = b"first line\r\nsecond line\r\n",
@@ -411,7 +391,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
 def plain_server(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailsuite]:
     """A server of this module's own: LOGIN without TLS allowed, two sessions per account."""
-    yield from own_server(backend, new_db_url, dns_server, tmp_path_factory, "imap-session",
+    yield from own_server(backend, new_db_url, dns_server.address, tmp_path_factory, "imap-session",
                           {"auth": {"allow_plaintext": True},
                            "imap": {"max_connections_per_account": 2}})
 
@@ -420,7 +400,7 @@ def plain_server(backend: str, new_db_url: Callable[[str], str], dns_server: DNS
 def capped_server(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailsuite]:
     """A server that takes two connections per client address."""
-    yield from own_server(backend, new_db_url, dns_server, tmp_path_factory, "imap-capped",
+    yield from own_server(backend, new_db_url, dns_server.address, tmp_path_factory, "imap-capped",
                           {"imap": {"max_connections_per_ip": 2}})
 
 

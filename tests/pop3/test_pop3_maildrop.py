@@ -12,13 +12,12 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.dnsserver import DNSServerHandle
-from tests.harness import Mailsuite
+from tests.harness import Mailsuite, own_server
 from tests.pop3.test_pop3_session import (
     PASSWORD,
     err,
     make_message,
     message_id,
-    own_server,
     pop_session,
     raw_session,
     restart,
@@ -38,7 +37,8 @@ DOTTED_BODY = (b"first line\r\n"
 def mailsuite(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailsuite]:
     """This module's own server instead of the shared one (see own_server)."""
-    yield from own_server(backend, new_db_url, dns_server, tmp_path_factory, "pop3-maildrop")
+    yield from own_server(backend, new_db_url, dns_server.address, tmp_path_factory,
+                          "pop3-maildrop")
 
 
 def wire_form(raw: bytes) -> bytes:

@@ -23,7 +23,7 @@ import pytest
 
 from mailsuite.store import Delivery
 from tests.dnsserver import DNSServerHandle
-from tests.harness import Mailsuite
+from tests.harness import Mailsuite, own_server, wait_listening
 
 PASSWORD = "correct horse"
 SENDER = "a@spf-pass.test"
@@ -36,27 +36,14 @@ LOGIN_CAPS = {"USER", "SASL PLAIN"}
 # --------------------------------------------------------------------------- helpers
 
 
-def own_server(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
-               tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Mailsuite]:
-    """A server for one test module, used instead of the session's shared one.
-
-    POP3 sessions that fail to give back their per-address connection slot (see
-    test_every_ended_session_gives_its_connection_slot_back) would otherwise use up the
-    shared server's 20 slots and fail every test that follows; here the limit is out of
-    reach, so each test fails only for its own reasons.
-    """
-    server = Mailsuite(tmp_path_factory.mktemp(f"{name}-{backend}"), new_db_url(backend),
-                       dns_server.address, {"pop3": {"max_connections_per_ip": 100_000}})
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
 def mailsuite(backend: str, new_db_url: Callable[[str], str], dns_server: DNSServerHandle,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mailsuite]:
     """This module's own server (see own_server); allow_plaintext is false, as by default."""
-    yield from own_server(backend, new_db_url, dns_server, tmp_path_factory, "pop3-session")
+    yield from own_server(backend, new_db_url, dns_server.address, tmp_path_factory,
+                          "pop3-session")
 
 
 def cert_path(server: Mailsuite) -> Path:
@@ -71,17 +58,6 @@ def tls_context(server: Mailsuite) -> ssl.SSLContext:
     return context
 
 
-def wait_listening(address: tuple[str, int], timeout: float = 30.0) -> None:
-    """Block until `address` accepts TCP connections (after a restart)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def restart(server: Mailsuite) -> None:
