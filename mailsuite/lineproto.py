@@ -3,7 +3,9 @@
 SMTP and POP3 clients may pipeline (RFC 2920, RFC 2449): several commands arrive in one
 packet, and the replies must come back in order even when a command waits on the database.
 While a command's Deferred is pending, input stays buffered and the transport is paused, so
-a client that floods us is held back by TCP instead of by our memory.
+a client that floods us is held back by TCP instead of by our memory (reading pauses once
+more than PAUSE_AT octets wait; below that, pausing for every command would cost two epoll
+calls per command for nothing).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
 
     #: longest line accepted, counting its CRLF
     max_line = 1000
+    #: buffered input that makes us stop reading while a command is pending
+    PAUSE_AT = 65536
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._discarding_line = False
         self._busy = False
+        self._paused = False
         self._processing = False
         self._lost = False
         self._closing = False
@@ -51,9 +56,9 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
         return False
 
     def hold(self, d: defer.Deferred) -> None:
-        """Read no further input until `d` has fired (its result is ignored)."""
+        """Process no further input until `d` has fired (its result is ignored)."""
         self._busy = True
-        self.transport.pauseProducing()
+        self._pause_if_flooded()
         d.addErrback(lambda failure: log.failure("command failed", failure=failure))
         d.addBoth(self._release)
 
@@ -86,7 +91,14 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._buffer += data
+        if self._busy:
+            self._pause_if_flooded()
         self._process()
+
+    def _pause_if_flooded(self) -> None:
+        if not self._paused and len(self._buffer) > self.PAUSE_AT:
+            self._paused = True
+            self.transport.pauseProducing()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
@@ -96,7 +108,9 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
         self._busy = False
         if self.gone:
             return
-        self.transport.resumeProducing()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         self._process()
 
     def _process(self) -> None:

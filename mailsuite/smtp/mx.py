@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import email.utils
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import dns.resolver
@@ -36,6 +37,24 @@ class MXContext:
     deliveries: Batcher[Delivery]
     resolver: dns.resolver.Resolver
     reactor: Any
+    #: recent local answers, address -> (resolution, expiry); only positive ones, so a user
+    #: added a moment ago is never refused, and one removed is refused within seconds
+    recipients: dict[str, tuple[Resolution, float]] = field(default_factory=dict)
+
+    RECIPIENT_TTL = 5.0
+
+    def cached_recipient(self, address: str) -> Resolution | None:
+        hit = self.recipients.get(address)
+        if hit is None or hit[1] < time.monotonic():
+            self.recipients.pop(address, None)
+            return None
+        return hit[0]
+
+    def remember_recipient(self, address: str, resolution: Resolution) -> None:
+        if resolution.kind == "local":
+            if len(self.recipients) > 10000:
+                self.recipients.clear()
+            self.recipients[address] = (resolution, time.monotonic() + self.RECIPIENT_TTL)
 
 
 class MXFactory(ESMTPServerFactory):
@@ -71,11 +90,15 @@ class MXServer(ESMTPServer):
     def check_recipient(self, txn: Transaction, address: Address) -> Any:
         if address.is_ip_literal:
             return self._relay_denied(address)
+        cached = self.context.cached_recipient(address.normal)
+        if cached is not None:
+            return self._resolved(cached, address)
         d = self.context.store.resolve(address.normal)
         d.addCallback(self._resolved, address)
         return d
 
     def _resolved(self, resolution: Resolution, address: Address) -> tuple[Reply, Any]:
+        self.context.remember_recipient(address.normal, resolution)
         if resolution.kind == "foreign":
             return self._relay_denied(address)
         if resolution.kind == "unknown":
