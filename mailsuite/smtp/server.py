@@ -420,8 +420,9 @@ class ESMTPServer(SerialLineProtocol):
         self.hold(self._answer_later(d))
 
     def _note(self, txn: Transaction, code: int, size: int) -> None:
+        recipients = ",".join(f"<{address}>" for address, _ in txn.recipients)
         self.session_log.transactions.append(
-            f"from=<{txn.sender_text}> rcpts={len(txn.recipients)} size={size} result={code}")
+            f"from=<{txn.sender_text}> to={recipients} size={size} result={code}")
 
     # --- helpers -------------------------------------------------------------------------
     def _junk_and(self, reply: Reply) -> Reply | None:
