@@ -360,6 +360,8 @@ class IMAPServer(SerialLineProtocol):
 
     async def _login(self, user: str, password: str) -> str:
         account = await self.factory.authenticator.login(user, password, self.peer)
+        if self.gone:
+            return "NO connection closed"  # connectionLost ran already: take no slot now
         if account is None:
             if self.factory.authenticator.should_disconnect(self.peer):
                 self.send("* BYE too many failed logins")

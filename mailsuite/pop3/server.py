@@ -306,6 +306,9 @@ class POP3Server(SerialLineProtocol):
         return d
 
     def _locked(self, acquired: bool, account: AccountRow) -> defer.Deferred | None:
+        if acquired and self.gone:
+            # The client left while we were taking the lease: connectionLost has run.
+            return self.store.lock_release(f"pop3:{account.id}", self._holder)
         if not acquired:
             self.send("-ERR [IN-USE] maildrop is locked by another session")
             return None
