@@ -7,7 +7,6 @@ import secrets
 import socket
 from typing import Any
 
-from sqlalchemy.engine import make_url
 from twisted.application import service, strports
 from twisted.internet import protocol
 from twisted.logger import Logger
@@ -83,8 +82,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     listener = None
     if not store.db.is_sqlite:
         # Other processes on this database announce their changes through NOTIFY.
-        dsn = make_url(store.db.url).set(drivername="postgresql")
-        listener = PostgresListener(dsn.render_as_string(hide_password=False), notifier)
+        listener = PostgresListener(store.db.libpq_dsn(), notifier)
     resolver = make_resolver(config)
     install_resolver(resolver)
     # DNS-bound checks block a thread each while they wait; give them room.

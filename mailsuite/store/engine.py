@@ -106,6 +106,11 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def libpq_dsn(self) -> str:
+        """The PostgreSQL URL as psycopg2 takes it (for the LISTEN connection)."""
+        return make_url(self.url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
