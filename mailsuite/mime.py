@@ -7,6 +7,7 @@ which DKIM signatures over it depend on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,6 +68,15 @@ def remove_fields(raw: bytes, drop: Callable[[HeaderField], bool]) -> bytes:
 
 
 def count_fields(raw: bytes, name: str) -> int:
+    """How many fields called `name` the header has (a field starts a line; folds don't).
+
+    Counted with one regular expression rather than by splitting every field: this runs on
+    every message the MX takes. Whitespace before the colon (RFC 5322 obsolete syntax) counts.
+    """
     header, _ = split_message(raw)
-    wanted = name.lower()
-    return sum(1 for f in header_fields(header) if f.name.lower() == wanted)
+    pattern = re.compile(rb"(?:^|\r\n)" + re.escape(name.encode("ascii")) + rb"[ \t]*:", re.I)
+    return len(pattern.findall(header))
+
+
+def has_field(raw: bytes, name: str) -> bool:
+    return count_fields(raw, name) > 0

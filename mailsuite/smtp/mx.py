@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from mailsuite.addresses import Address
 from mailsuite.config import Config
-from mailsuite.mime import count_fields, remove_fields
+from mailsuite.mime import count_fields, has_field, remove_fields
 from mailsuite.smtp import authresults
 from mailsuite.smtp.server import ESMTPServer, ESMTPServerFactory, Reply, Transaction
 from mailsuite.store import AsyncStore, Delivery, Resolution
@@ -140,8 +140,9 @@ class MXServer(ESMTPServer):
         """In a thread: the message as stored, and its IMAP structure."""
         hostname = self.context.config.server.hostname
         # An Authentication-Results that claims to be ours but came from outside is forged.
-        raw = remove_fields(raw, lambda f: f.name.lower() == "authentication-results"
-                            and _authserv_id(f.value) == hostname.lower())
+        if has_field(raw, "Authentication-Results"):
+            raw = remove_fields(raw, lambda f: f.name.lower() == "authentication-results"
+                                and _authserv_id(f.value) == hostname.lower())
         if self.context.config.mx.auth_checks:
             header = authresults.authentication_results(
                 raw, hostname, self.context.resolver, self.peer_ip, self.helo or "", sender, spf)
