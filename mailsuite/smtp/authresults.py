@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import authres
 import authres.arc
@@ -51,15 +53,49 @@ class SPFOutcome:
     comment: str
 
 
+class _Recent:
+    """Answers kept for a minute: a busy sender sends many messages from one address, and
+    re-evaluating its SPF and DMARC policy each time is pure cost. Temporary errors are not
+    kept. Shared by the checking threads; dict operations are atomic under the GIL."""
+
+    ttl = 60.0
+    size = 20000
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> Any:
+        hit = self._entries.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[key] = (time.monotonic() + self.ttl, value)
+
+
+_SPF_RESULTS = _Recent()
+_DMARC_RECORDS = _Recent()
+
+
 def check_spf(ip: str, mail_from: str, helo: str, timeout: float) -> SPFOutcome:
     """RFC 7208 check_host() of the MAIL FROM identity (the HELO identity for <>)."""
+    key = (ip, mail_from.lower(), helo.lower() if not mail_from else "")
+    cached = _SPF_RESULTS.get(key)
+    if cached is not None:
+        return cached
     try:
         # timeout bounds each lookup; querytime the whole evaluation (up to 10 lookups).
         result, explanation = spf.check2(i=ip, s=mail_from, h=helo, timeout=timeout,
                                          querytime=4 * timeout)
     except Exception as exc:  # pyspf raises on some malformed input instead of permerror
         return SPFOutcome("permerror", str(exc)[:200])
-    return SPFOutcome(result, explanation)
+    outcome = SPFOutcome(result, explanation)
+    if result != "temperror":
+        _SPF_RESULTS.put(key, outcome)
+    return outcome
 
 
 def authentication_results(raw: bytes, authserv_id: str, resolver: dns.resolver.Resolver,
@@ -160,6 +196,15 @@ def _header_from_domain(raw: bytes) -> str | None:
 
 def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> tuple[str | None, str | None]:
     """(record, org_domain) per RFC 7489 6.6.3: the From domain's, else its org domain's."""
+    cached = _DMARC_RECORDS.get(domain)
+    if cached is None:
+        cached = _lookup_dmarc_record(resolver, domain)  # TemporaryDNSError is not kept
+        _DMARC_RECORDS.put(domain, cached)
+    return cached
+
+
+def _lookup_dmarc_record(resolver: dns.resolver.Resolver,
+                         domain: str) -> tuple[str | None, str | None]:
     for candidate, org in ((domain, None), (_ORG.get_public_suffix(domain), "org")):
         if org and candidate == domain:
             break

@@ -438,8 +438,11 @@ class ESMTPServer(SerialLineProtocol):
         return None
 
     @staticmethod
-    def _chain(result: Any, then: Any, *args: Any) -> defer.Deferred:
-        return defer.maybeDeferred(lambda: result).addCallback(then, *args)
+    def _chain(result: Any, then: Any, *args: Any) -> Any:
+        """then(result, *args), at once for a plain answer, later for a Deferred one."""
+        if isinstance(result, defer.Deferred):
+            return result.addCallback(then, *args)
+        return then(result, *args)
 
     # --- hooks ---------------------------------------------------------------------------
     def check_sender(self, txn: Transaction) -> Reply | defer.Deferred:
