@@ -80,9 +80,18 @@ _SPF_RESULTS = _Recent()
 _DMARC_RECORDS = _Recent()
 
 
+def _spf_key(ip: str, mail_from: str, helo: str) -> tuple[str, str, str]:
+    return ip, mail_from.lower(), helo.lower() if not mail_from else ""
+
+
+def recent_spf(ip: str, mail_from: str, helo: str) -> SPFOutcome | None:
+    """The SPF answer for this envelope if it was worked out within the last minute."""
+    return _SPF_RESULTS.get(_spf_key(ip, mail_from, helo))
+
+
 def check_spf(ip: str, mail_from: str, helo: str, timeout: float) -> SPFOutcome:
     """RFC 7208 check_host() of the MAIL FROM identity (the HELO identity for <>)."""
-    key = (ip, mail_from.lower(), helo.lower() if not mail_from else "")
+    key = _spf_key(ip, mail_from, helo)
     cached = _SPF_RESULTS.get(key)
     if cached is not None:
         return cached

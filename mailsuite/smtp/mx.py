@@ -80,6 +80,10 @@ class MXServer(ESMTPServer):
     # --- MAIL FROM -----------------------------------------------------------------------
     def check_sender(self, txn: Transaction) -> Reply:
         if self.context.config.mx.auth_checks:
+            recent = authresults.recent_spf(self.peer_ip, txn.sender_text, self.helo or "")
+            if recent is not None:
+                self._spf = defer.succeed(recent)  # no thread trip for a known answer
+                return Reply(250, "2.1.0", "Ok")
             # SPF needs only the envelope: start it now, collect it after DATA.
             self._spf = self._run(authresults.check_spf, self.peer_ip, txn.sender_text,
                                   self.helo or "", self.context.config.dns.timeout)
