@@ -113,7 +113,6 @@ class IMAPServer(SerialLineProtocol):
         self._literal_left = 0
         self._literal = bytearray()
         self._literal_total = 0
-        self._pending_tag: str | None = None
         self._idle_tag: str | None = None
         self._sasl_tag: str | None = None
         self._gate = _OutputGate()

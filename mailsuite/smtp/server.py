@@ -49,8 +49,7 @@ class Reply:
 class Transaction:
     """One MAIL ... DATA exchange."""
 
-    sender: Address | None = None  # None with null_sender for MAIL FROM:<>
-    null_sender: bool = False
+    sender: Address | None = None  # None for MAIL FROM:<>
     smtputf8: bool = False
     body: str = "7BIT"
     declared_size: int | None = None
@@ -194,9 +193,6 @@ class ESMTPServer(SerialLineProtocol):
         return self._data is not None
 
     def line_received(self, line: bytes) -> defer.Deferred | None:
-        return self._dispatch(line)
-
-    def _dispatch(self, line: bytes) -> defer.Deferred | None:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -305,7 +301,6 @@ class ESMTPServer(SerialLineProtocol):
             txn.sender = parse_path(path)
         except AddressError as exc:
             return self._junk_and(Reply(553, "5.1.7", f"Bad sender address syntax: {exc}"))
-        txn.null_sender = txn.sender is None
         if txn.sender is not None and not txn.sender.is_ascii and not txn.smtputf8:
             return Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
         if txn.declared_size is not None and txn.declared_size > self.limits.max_message_size:

@@ -95,9 +95,6 @@ class MailMixin:
             raise result
         return result
 
-    def _deliver(self, conn: Connection, delivery: Delivery) -> Delivered:
-        return self._deliver_all(conn, [delivery])[0]
-
     def _deliver_all(self, conn: Connection, deliveries: list[Delivery]) -> list[Delivered]:
         """Store a batch with a handful of statements, however many messages it holds."""
         now = datetime.now(UTC)
@@ -230,10 +227,10 @@ class MailMixin:
         """Store a message into one of the account's mailboxes: (uidvalidity, uid)."""
         with self.db.write() as conn:
             box = self._mailbox(conn, account_id, mailbox)
-            delivered = self._deliver(conn, Delivery(
+            [delivered] = self._deliver_all(conn, [Delivery(
                 raw=raw, account_ids=(account_id,), detail={"via": "imap"}, event="appended",
                 mailbox=mailbox, flags=flags, internal_date=internal_date,
-                structure=structure))
+                structure=structure)])
         return box.uidvalidity, delivered.uids[0][1]
 
     def copy_messages(self, mailbox_id: int, uids: list[int], account_id: int, target: str,

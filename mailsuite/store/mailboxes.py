@@ -126,7 +126,7 @@ class MailboxesMixin:
         if name == "INBOX":
             raise StoreError("INBOX cannot be deleted")
         with self.db.write() as conn:
-            box_id = self._mailbox_id(conn, account_id, name)
+            box_id = self._mailbox(conn, account_id, name).id  # type: ignore[attr-defined]
             children = conn.scalar(select(func.count()).where(and_(
                 t.mailboxes.c.account_id == account_id,
                 t.mailboxes.c.name.startswith(name + DELIMITER, autoescape=True))))
@@ -149,7 +149,7 @@ class MailboxesMixin:
             raise Conflict("mailbox INBOX exists already")
         try:
             with self.db.write() as conn:
-                box_id = self._mailbox_id(conn, account_id, old)
+                box_id = self._mailbox(conn, account_id, old).id  # type: ignore[attr-defined]
                 names = set(conn.scalars(select(t.mailboxes.c.name)
                                          .where(t.mailboxes.c.account_id == account_id)))
                 if new in names:
@@ -163,7 +163,7 @@ class MailboxesMixin:
                         self._insert_mailbox(conn, account_id, parent)
                 if old == "INBOX":
                     self._insert_mailbox(conn, account_id, new)
-                    target = self._mailbox_id(conn, account_id, new)
+                    target = self._mailbox(conn, account_id, new).id  # type: ignore[attr-defined]
                     self._move_all(conn, box_id, target)
                     return
                 conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box_id)
@@ -275,11 +275,3 @@ class MailboxesMixin:
                                          .where(t.messages.c.mailbox_id == mailbox_id)
                                          .order_by(t.messages.c.uid)))
         return MailboxChanges(box.highestmodseq, uids, [(uid, f) for uid, f in flag_rows])
-
-    @staticmethod
-    def _mailbox_id(conn: Connection, account_id: int, name: str) -> int:
-        box_id = conn.scalar(select(t.mailboxes.c.id).where(
-            and_(t.mailboxes.c.account_id == account_id, t.mailboxes.c.name == name)))
-        if box_id is None:
-            raise NotFound(f"no mailbox {name}")
-        return box_id
