@@ -40,6 +40,8 @@ class ListenConfig:
     pop3s: str = "tcp:1995:interface=127.0.0.1"
     imap: str = "tcp:1143:interface=127.0.0.1"
     imaps: str = "tcp:1993:interface=127.0.0.1"
+    submission: str = "tcp:1587:interface=127.0.0.1"
+    submissions: str = "tcp:1465:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,52 @@ class IMAPConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = 25  # the port remote MX servers are contacted on
+    max_connections: int = 100
+    max_connections_per_domain: int = 5
+    max_messages_per_connection: int = 100
+    retry_schedule: str = "5m 10m 30m 1h 2h 4h 8h"  # the last delay repeats until expiry
+    expire_after: str = "5d"
+    poll_interval: float = 1.0
+    claim_batch: int = 200
+    claim_timeout: float = 900.0  # a claim older than this is another process's to retry
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    require_tls: str = ""  # domains whose MX must offer STARTTLS with a verified certificate
+    ca_file: str = ""  # CA bundle for verified TLS (empty: the system's)
+    helo_name: str = ""  # empty: server.hostname
+
+    @property
+    def retry_delays(self) -> tuple[float, ...]:
+        return tuple(parse_duration(part) for part in self.retry_schedule.split())
+
+    @property
+    def expire_seconds(self) -> float:
+        return parse_duration(self.expire_after)
+
+    @property
+    def tls_required_domains(self) -> frozenset[str]:
+        return frozenset(d.lower().rstrip(".") for d in self.require_tls.replace(",", " ").split())
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    host: str = ""  # set: every remote recipient goes through this smarthost
+    port: int = 587
+    tls: str = "starttls"  # none, starttls or implicit
+    verify: bool = True  # check the smarthost's certificate (against delivery.ca_file)
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    rsa_bits: int = 2048
+    ed25519: bool = False  # a second, Ed25519 signature (RFC 8463) for new keys
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     allow_plaintext: bool = False
     bcrypt_rounds: int = 12
@@ -105,6 +153,9 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
 
     @property
     def data_path(self) -> Path:
@@ -116,6 +167,18 @@ class Config:
         if self.database.url:
             return self.database.url
         return f"sqlite:///{self.data_path / 'mailsuite.db'}"
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "5m", "2h" or "5d"; ValueError otherwise."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 2h, 5d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 _SECTIONS: dict[str, type] = {
@@ -254,7 +317,7 @@ def _validate(config: Config, name: str, text: str) -> None:
     if config.server.reuse_port:
         from mailsuite.listeners import parse_tcp_endpoint
 
-        for key in ("mx", "pop3", "pop3s", "imap", "imaps"):
+        for key in ("mx", "pop3", "pop3s", "imap", "imaps", "submission", "submissions"):
             value = getattr(config.listen, key)
             if value and parse_tcp_endpoint(value) is None:
                 fail("listen", key, "with server.reuse_port, use a tcp: or tcp6: endpoint")
@@ -273,3 +336,39 @@ def _validate(config: Config, name: str, text: str) -> None:
              "must be at least 1")
     if not 4 <= config.auth.bcrypt_rounds <= 31:
         fail("auth", "bcrypt_rounds", "must be between 4 and 31")
+    _validate_delivery(config, fail)
+
+
+def _validate_delivery(config: Config, fail: Any) -> None:
+    delivery = config.delivery
+    for key in ("retry_schedule", "expire_after"):
+        try:
+            values = [parse_duration(part) for part in getattr(delivery, key).split()]
+        except ValueError as exc:
+            fail("delivery", key, str(exc))
+        if not values or min(values) <= 0:
+            fail("delivery", key, "needs positive durations")
+    if len(delivery.expire_after.split()) != 1:
+        fail("delivery", "expire_after", "one duration, e.g. 5d")
+    if not 1 <= delivery.port <= 65535:
+        fail("delivery", "port", "must be a TCP port")
+    for key in ("max_connections", "max_connections_per_domain", "max_messages_per_connection",
+                "claim_batch"):
+        if getattr(delivery, key) < 1:
+            fail("delivery", key, "must be at least 1")
+    for key in ("poll_interval", "connect_timeout", "command_timeout", "claim_timeout"):
+        if getattr(delivery, key) <= 0:
+            fail("delivery", key, "must be positive")
+    if delivery.claim_timeout < delivery.command_timeout * 2:
+        fail("delivery", "claim_timeout", "must be at least twice delivery.command_timeout")
+    if config.relay.tls not in ("none", "starttls", "implicit"):
+        fail("relay", "tls", "must be none, starttls or implicit")
+    if not 1 <= config.relay.port <= 65535:
+        fail("relay", "port", "must be a TCP port")
+    if bool(config.relay.username) != bool(config.relay.password):
+        fail("relay", "username", "relay.username and relay.password go together")
+    if config.relay.username and config.relay.tls == "none" and config.relay.host not in (
+            "127.0.0.1", "::1", "localhost"):
+        fail("relay", "tls", "credentials are only sent over TLS (or to a loopback relay)")
+    if not 1024 <= config.dkim.rsa_bits <= 4096:
+        fail("dkim", "rsa_bits", "must be between 1024 and 4096")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -20,8 +21,11 @@ from mailsuite.listeners import SharedPortService
 from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
+from mailsuite.smtp.delivery import QueueRunner
 from mailsuite.smtp.dns import install_resolver, make_resolver
 from mailsuite.smtp.mx import MXContext, MXFactory
+from mailsuite.smtp.srs import SRS
+from mailsuite.smtp.submission import SubmissionContext, SubmissionFactory
 from mailsuite.store import AsyncStore, Store, open_store
 from mailsuite.store.batcher import Batcher
 from mailsuite.tls import server_context
@@ -50,6 +54,8 @@ class StoreService(service.Service):
         self.store = store
         self.listener = listener
         self.lease_prefix = lease_prefix
+        #: called at stop; the store closes once the Deferreds they return have fired
+        self.drains: list[Callable[[], defer.Deferred]] = []
 
     def startService(self) -> None:
         super().startService()
@@ -57,14 +63,20 @@ class StoreService(service.Service):
         if self.listener is not None:
             self.listener.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred:
         super().stopService()
+        d = defer.DeferredList([drain() for drain in self.drains])
+        d.addCallback(lambda _: self._close())
+        return d
+
+    def _close(self) -> None:
         if self.listener is not None:
             self.listener.stop()
         self.pool.stop()
-        # Sessions still open die with the process: their maildrop leases must not outlive
-        # it. The reactor is stopping, so this one blocking call harms nobody.
+        # Sessions still open die with the process: their maildrop leases and queue claims
+        # must not outlive it. The reactor is stopping, so these blocking calls harm nobody.
         self.store.lock_release_all(self.lease_prefix)
+        self.store.queue_release(self.lease_prefix)
         self.store.close()
 
 
@@ -90,8 +102,15 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     tls_options = server_context(config)
 
     top = service.MultiService()
-    lease_prefix = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
-    StoreService(pool, store, listener, lease_prefix).setServiceParent(top)
+    lease_prefix = f"{socket.gethostname()[:40]}/{os.getpid()}/{secrets.token_hex(4)}"
+    store_service = StoreService(pool, store, listener, lease_prefix)
+    store_service.setServiceParent(top)
+    runner = QueueRunner(config, async_store, resolver, reactor, holder=lease_prefix)
+    runner.setServiceParent(top)
+    store_service.drains.append(runner.drain)
+    # Local copies and queued recipients of one message commit together; concurrent
+    # messages from every SMTP session share a transaction.
+    submissions = Batcher(store.submit_many, pool, reactor, config.database.batch_max)
     listeners: dict[str, str] = {}
 
     def listen(name: str, endpoint: str, factory: protocol.Factory,
@@ -112,12 +131,20 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         context = MXContext(
             config=config,
             store=async_store,
-            deliveries=Batcher(store.deliver_many, pool, reactor, config.database.batch_max),
+            submissions=submissions,
             resolver=resolver,
             reactor=reactor,
+            srs=SRS(store.shared_secret("srs").encode("ascii")),
+            queued=runner.wake,
         )
         listen("mx", config.listen.mx, MXFactory(context, tls_options))
     authenticator = Authenticator(async_store, reactor)
+    submission = SubmissionContext(config, async_store, submissions, authenticator, reactor,
+                                   queued=runner.wake)
+    for name, implicit in (("submission", False), ("submissions", True)):
+        listen(name, getattr(config.listen, name),
+               SubmissionFactory(submission, tls_options, implicit_tls=implicit),
+               implicit_tls=implicit)
     # The plain and implicit-TLS ports of a protocol share one per-address count.
     pop3_connections = ConnectionCounter(config.pop3.max_connections_per_ip)
     for name, implicit in (("pop3", False), ("pop3s", True)):

@@ -53,7 +53,8 @@ class Mailsuite:
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
         self.ports = dict(ports) if ports else {
-            name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps")}
+            name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps", "submission",
+                                         "submissions")}
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
             "database": {"url": db_url, "pool_size": 4},
@@ -90,6 +91,14 @@ class Mailsuite:
     @property
     def imaps(self) -> tuple[str, int]:
         return ("127.0.0.1", self.ports["imaps"])
+
+    @property
+    def submission(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["submission"])
+
+    @property
+    def submissions(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["submissions"])
 
     @property
     def store(self) -> Store:

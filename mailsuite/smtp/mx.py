@@ -6,8 +6,6 @@ server.ESMTPServer; storing is the store's.
 
 from __future__ import annotations
 
-import email.utils
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +18,15 @@ from mailsuite.addresses import Address
 from mailsuite.config import Config
 from mailsuite.mime import count_fields, has_field, remove_fields
 from mailsuite.smtp import authresults
-from mailsuite.smtp.server import ESMTPServer, ESMTPServerFactory, Reply, Transaction
-from mailsuite.store import AsyncStore, Delivery, Resolution
+from mailsuite.smtp.server import (
+    ESMTPServer,
+    ESMTPServerFactory,
+    Reply,
+    Transaction,
+    received_header,
+)
+from mailsuite.smtp.srs import SRS, SRSError
+from mailsuite.store import AsyncStore, Delivery, Outbound, Resolution, Submission, new_queue_id
 from mailsuite.store.batcher import Batcher
 from mailsuite.structure import imap_structure
 
@@ -34,9 +39,11 @@ class MXContext:
 
     config: Config
     store: AsyncStore
-    deliveries: Batcher[Delivery]
+    submissions: Batcher[Submission]
     resolver: dns.resolver.Resolver
     reactor: Any
+    srs: SRS
+    queued: Any  # called after a commit that queued mail (wakes the delivery workers)
     #: recent local answers, address -> (resolution, expiry); only positive ones, so a user
     #: added a moment ago is never refused, and one removed is refused within seconds
     recipients: dict[str, tuple[Resolution, float]] = field(default_factory=dict)
@@ -105,14 +112,19 @@ class MXServer(ESMTPServer):
         self.context.remember_recipient(address.normal, resolution)
         if resolution.kind == "foreign":
             return self._relay_denied(address)
+        if resolution.kind == "unknown" and SRS.is_srs(address.local):
+            # A reply or bounce to an address we rewrote when forwarding (SRS).
+            try:
+                original = self.context.srs.reverse(address.normal)
+            except SRSError:
+                pass
+            else:
+                return Reply(250, "2.1.5", "Ok"), Resolution("external", (), (original,))
         if resolution.kind == "unknown":
             self._reject_event("unknown recipient", address)
             return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: "
                                        "user unknown"), None
-        if resolution.kind == "external":
-            return Reply(451, "4.3.0", f"<{address}>: forwarding outside this server is not "
-                                       "available yet, try again later"), None
-        return Reply(250, "2.1.5", "Ok"), resolution.account_ids
+        return Reply(250, "2.1.5", "Ok"), resolution
 
     def _relay_denied(self, address: Address) -> tuple[Reply, None]:
         self._reject_event("relay denied", address)
@@ -131,8 +143,9 @@ class MXServer(ESMTPServer):
             return Reply(554, "5.4.6", f"Mail loop detected: {limit} Received headers")
         spf = self._spf or defer.succeed(authresults.SPFOutcome("none", "checks disabled"))
         self._spf = None
-        queue_id = secrets.token_hex(6)
-        trace = self._trace_headers(txn, queue_id)
+        queue_id = new_queue_id()
+        trace = received_header(txn, self.esmtp, self.tls, self.helo or "", self.peer_ip,
+                                self.context.config.server.hostname, queue_id)
         # Everything CPU- or DNS-bound about the message happens in one trip to a thread.
         d = spf.addCallback(lambda outcome: self._run(self._prepare, raw, trace, txn.sender_text,
                                                       outcome))
@@ -140,8 +153,10 @@ class MXServer(ESMTPServer):
         return d
 
     def _prepare(self, raw: bytes, trace: bytes, sender: str,
-                 spf: authresults.SPFOutcome) -> tuple[bytes, tuple[bytes, bytes, bytes]]:
-        """In a thread: the message as stored, and its IMAP structure."""
+                 spf: authresults.SPFOutcome) -> tuple[bytes, bytes, tuple[bytes, bytes, bytes]]:
+        """In a thread: the message with our trace fields as delivered here (with its
+        Return-Path) and as forwarded (without: RFC 5321 4.4 adds it at final delivery
+        only), and the IMAP structure of the delivered copy."""
         hostname = self.context.config.server.hostname
         # An Authentication-Results that claims to be ours but came from outside is forged.
         if has_field(raw, "Authentication-Results"):
@@ -151,38 +166,47 @@ class MXServer(ESMTPServer):
             header = authresults.authentication_results(
                 raw, hostname, self.context.resolver, self.peer_ip, self.helo or "", sender, spf)
             raw = header.encode("utf-8") + b"\r\n" + raw
-        full = trace + raw
+        message = trace + raw
+        copy = f"Return-Path: <{sender}>\r\n".encode() + message
         # IMAP's ENVELOPE and BODYSTRUCTURE are made once, here, and kept with the message.
-        return full, imap_structure(full)
+        return copy, message, imap_structure(copy)
 
-    def _store(self, prepared: tuple[bytes, tuple[bytes, bytes, bytes]], txn: Transaction,
-               queue_id: str) -> defer.Deferred:
-        full, structure = prepared
-        account_ids = sorted({a for _, ids in txn.recipients for a in ids})
+    def _store(self, prepared: tuple[bytes, bytes, tuple[bytes, bytes, bytes]],
+               txn: Transaction, queue_id: str) -> defer.Deferred:
+        copy, message, structure = prepared
+        account_ids = sorted({a for _, res in txn.recipients for a in res.account_ids})
+        forward = [(address, target) for address, res in txn.recipients
+                   for target in res.external]
         detail = {"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
                   "recipients": [str(a) for a, _ in txn.recipients]}
-        d = self.context.deliveries.submit(Delivery(
-            raw=full, account_ids=tuple(account_ids), detail=detail, structure=structure))
+        delivery = outbound = None
+        if account_ids:
+            delivery = Delivery(raw=copy, account_ids=tuple(account_ids), detail=detail,
+                                structure=structure)
+        if forward:
+            # SRS: the forward's envelope names our domain, so it passes the next hop's SPF;
+            # bounces come back to us and go on to the original sender.
+            sender = (self.context.srs.forward(txn.sender_text, forward[0][0].domain)
+                      if txn.sender_text else "")
+            targets = tuple(dict.fromkeys(target for _, target in forward))
+            outbound = Outbound(sender=sender, recipients=targets, raw=message,
+                                return_to=txn.sender_text, kind="forward",
+                                smtputf8=txn.smtputf8 or not all(t.isascii() for t in targets),
+                                detail=detail)
+        d = self.context.submissions.submit(Submission(queue_id, delivery, outbound))
         d.addCallbacks(
-            lambda _: Reply(250, "2.0.0", f"Ok: queued as {queue_id}"),
+            lambda _: self._stored(queue_id, outbound is not None),
             self._store_failed, errbackArgs=(queue_id,))
         return d
+
+    def _stored(self, queue_id: str, queued: bool) -> Reply:
+        if queued:
+            self.context.queued()
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     def _store_failed(self, failure: Any, queue_id: str) -> Reply:
         log.failure("storing message {queue_id} failed", failure=failure, queue_id=queue_id)
         return Reply(451, "4.3.0", "Error: could not store the message, try again later")
-
-    def _trace_headers(self, txn: Transaction, queue_id: str) -> bytes:
-        protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
-        if self.tls:
-            protocol += "S"
-        recipient = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
-        received = (
-            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
-            f"\tby {self.context.config.server.hostname} (mailsuite) with {protocol} "
-            f"id {queue_id}{recipient};\r\n\t{email.utils.formatdate(localtime=False)}\r\n"
-        )
-        return f"Return-Path: <{txn.sender_text}>\r\n{received}".encode()
 
     def _run(self, fn: Any, *args: Any) -> defer.Deferred:
         """CPU- and DNS-bound checks run in the reactor's general thread pool."""

@@ -9,6 +9,7 @@ send, who may receive, what happens to a message) is left to a subclass's hooks.
 
 from __future__ import annotations
 
+import email.utils
 import socket
 import time
 from dataclasses import dataclass, field
@@ -452,6 +453,20 @@ class ESMTPServer(SerialLineProtocol):
     def accept_message(self, txn: Transaction, raw: bytes) -> Reply | defer.Deferred:
         """Store or queue the message; reply 250 only once it is committed."""
         raise NotImplementedError
+
+
+def received_header(txn: Transaction, esmtp: bool, tls: bool, helo: str, peer_ip: str,
+                    hostname: str, queue_id: str, authenticated: bool = False) -> bytes:
+    """The Received: trace field (RFC 5321 4.4) with the RFC 3848 protocol name."""
+    protocol = ("UTF8SMTP" if txn.smtputf8 else "ESMTP") if esmtp else "SMTP"
+    if tls:
+        protocol += "S"
+    if authenticated:
+        protocol += "A"
+    recipient = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
+    return (f"Received: from {helo} ([{peer_ip}])\r\n"
+            f"\tby {hostname} (mailsuite) with {protocol} id {queue_id}{recipient};\r\n"
+            f"\t{email.utils.formatdate(localtime=False)}\r\n").encode()
 
 
 def _split_path(text: str) -> tuple[str, list[tuple[str, str | None]]]:

@@ -32,15 +32,29 @@ from mailsuite.store.mailboxes import (
     MailboxSnapshot,
     MailboxStatus,
 )
+from mailsuite.store.queue import (
+    Job,
+    Outbound,
+    Outcome,
+    QueuedRecipient,
+    QueueEntry,
+    QueueMixin,
+    Submission,
+    new_queue_id,
+)
+from mailsuite.store.senders import SenderIdentities, SendersMixin, SigningKey
 
 __all__ = [
     "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "FetchRow", "InUse",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
+    "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Submission",
+    "SenderIdentities", "SigningKey", "new_queue_id",
 ]
 
 
-class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin):
+class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin, QueueMixin,
+            SendersMixin):
     def __init__(self, db: Database) -> None:
         self.db = db
 

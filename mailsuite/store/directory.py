@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -47,11 +48,18 @@ class DirectoryMixin:
     db: Database
 
     # --- domains -------------------------------------------------------------------------
-    def domain_add(self, name: str) -> None:
+    def domain_add(self, name: str, dkim_keys: Sequence[tuple[str, str, bytes]] = ()) -> None:
+        """Add a domain with its DKIM keys, (selector, algorithm, private key PEM) each."""
         name = parse_domain(name)
         try:
             with self.db.write() as conn:
-                conn.execute(insert(t.domains).values(name=name, created_at=_now()))
+                domain_id = conn.execute(insert(t.domains).values(name=name, created_at=_now())
+                                         .returning(t.domains.c.id)).scalar_one()
+                if dkim_keys:
+                    conn.execute(insert(t.dkim_keys), [
+                        {"domain_id": domain_id, "selector": selector, "algorithm": algorithm,
+                         "private_key": key, "active": True, "created_at": _now()}
+                        for selector, algorithm, key in dkim_keys])
         except IntegrityError as exc:
             raise Conflict(f"domain {name} exists already") from exc
 
@@ -177,19 +185,21 @@ class DirectoryMixin:
     def resolve(self, address: str) -> Resolution:
         """Where mail for `address` (already a parsed, normal local@domain) goes."""
         with self.db.read() as conn:
-            address = address.lower()
-            # The common case, an account's own address, in one query.
-            account_id = conn.scalar(select(t.accounts.c.id)
-                                     .where(t.accounts.c.address == address))
-            if account_id is not None:
-                return Resolution("local", (account_id,))
-            local, _, domain = address.rpartition("@")
-            if self._find_domain(conn, domain) is None:
-                return Resolution("foreign")
-            accounts: list[int] = []
-            external: list[str] = []
-            if not self._expand(conn, f"{local}@{domain}", accounts, external, set(), 0):
-                return Resolution("unknown")
+            return self._resolve(conn, address)
+
+    def _resolve(self, conn: Connection, address: str) -> Resolution:
+        address = address.lower()
+        # The common case, an account's own address, in one query.
+        account_id = conn.scalar(select(t.accounts.c.id).where(t.accounts.c.address == address))
+        if account_id is not None:
+            return Resolution("local", (account_id,))
+        local, _, domain = address.rpartition("@")
+        if self._find_domain(conn, domain) is None:
+            return Resolution("foreign")
+        accounts: list[int] = []
+        external: list[str] = []
+        if not self._expand(conn, f"{local}@{domain}", accounts, external, set(), 0):
+            return Resolution("unknown")
         return Resolution("external" if external else "local",
                           tuple(dict.fromkeys(accounts)), tuple(dict.fromkeys(external)))
 

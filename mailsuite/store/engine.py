@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -17,6 +18,7 @@ _MIGRATION_LOCK_KEY = 0x6D61696C  # "mail"
 #: PostgreSQL NOTIFY channel carrying the ids of mailboxes whose contents changed
 CHANGE_CHANNEL = "mailsuite_mailbox"
 _CHANGED = "mailsuite_changed_mailboxes"
+T = TypeVar("T")
 
 
 def mark_changed(conn: Connection, mailbox_id: int) -> None:
@@ -79,6 +81,26 @@ class Database:
                 changed = conn.info.pop(_CHANGED, None)
         if changed and self.on_change is not None:
             self.on_change(changed)
+
+    def write_batch(self, items: Sequence[T], run: Callable[[Connection, Sequence[T]], list[Any]]
+                    ) -> list[Any]:
+        """run(conn, items) in one transaction, one result per item; if that fails, each item
+        in a transaction of its own, so one bad item never costs the others (its result is
+        then its exception)."""
+        try:
+            with self.write() as conn:
+                return run(conn, items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+        results: list[Any] = []
+        for item in items:
+            try:
+                with self.write() as conn:
+                    results.extend(run(conn, [item]))
+            except Exception as exc:
+                results.append(exc)
+        return results
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

@@ -69,25 +69,10 @@ class MailMixin:
     db: Database
 
     def deliver_many(self, deliveries: list[Delivery]) -> list[Delivered | Exception]:
-        """Commit many deliveries in one transaction (one fsync for all of them).
-
-        If the shared transaction fails, each delivery is retried in a transaction of its own,
-        so one bad message never costs the others; a delivery's entry is then its exception.
-        """
-        try:
-            with self.db.write() as conn:
-                return list(self._deliver_all(conn, deliveries))
-        except Exception as exc:
-            if len(deliveries) == 1:
-                return [exc]
-        results: list[Delivered | Exception] = []
-        for delivery in deliveries:
-            try:
-                with self.db.write() as conn:
-                    results.extend(self._deliver_all(conn, [delivery]))
-            except Exception as exc:
-                results.append(exc)
-        return results
+        """Commit many deliveries in one transaction (one fsync for all of them); if that
+        fails, each in one of its own, so one bad message never costs the others (its entry
+        is then its exception)."""
+        return self.db.write_batch(deliveries, self._deliver_all)
 
     def deliver(self, delivery: Delivery) -> Delivered:
         result = self.deliver_many([delivery])[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -137,4 +138,79 @@ locks = Table(
     Column("name", String(200), primary_key=True),
     Column("holder", String(64), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# DKIM signing keys; the newest active key of each algorithm signs (RFC 6376, RFC 8463).
+dkim_keys = Table(
+    "dkim_keys",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("domain_id", Id, ForeignKey("domains.id", ondelete="CASCADE"), nullable=False),
+    Column("selector", String(63), nullable=False),
+    Column("algorithm", String(20), nullable=False),  # rsa-sha256 or ed25519-sha256
+    Column("private_key", LargeBinary, nullable=False),  # PKCS#8 PEM
+    Column("active", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("domain_id", "selector", name="uq_dkim_keys_domain_selector"),
+)
+
+# Domains an account may use as sender besides its own address and its aliases.
+send_grants = Table(
+    "send_grants",
+    metadata,
+    Column("account_id", Id, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("domain", String(253), primary_key=True),
+)
+
+# Addresses that hard-bounced: submission refuses them until an operator clears them.
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("address", String(320), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Values every process must share, made once (the SRS secret).
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# The outbound queue: each message once, and each recipient's own state. A message leaves
+# the queue when every recipient is final; its history stays in events.
+outbound = Table(
+    "outbound",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("queue_id", String(32), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("account_id", Id, ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True),
+    Column("kind", String(16), nullable=False),  # submission, forward, bounce
+    Column("sender", String(320), nullable=False),  # MAIL FROM on the wire; "" for a bounce
+    Column("return_to", String(320), nullable=False),  # where a DSN goes; "" for nobody
+    Column("smtputf8", Boolean, nullable=False),
+    Column("eightbit", Boolean, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),  # exactly the bytes sent (signed)
+)
+
+outbound_recipients = Table(
+    "outbound_recipients",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("outbound_id", Id, ForeignKey("outbound.id", ondelete="CASCADE"), nullable=False),
+    Column("recipient", String(320), nullable=False),
+    Column("domain", String(253), nullable=False),
+    Column("state", String(16), nullable=False),  # queued, deferred (final ones are deleted)
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True), nullable=True),
+    Column("last_reply", Text, nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Index("ix_outbound_recipients_due", "next_attempt_at"),
+    Index("ix_outbound_recipients_outbound", "outbound_id"),
 )

@@ -1,0 +1,291 @@
+"""Message submission (RFC 6409, RFC 8314): authenticated clients send through us.
+
+Policy lives here: AUTH only over TLS, which senders an account may use, what happens to
+local and remote recipients. The protocol machinery is server.ESMTPServer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import secrets
+import time
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mailsuite.addresses import Address
+from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
+from mailsuite.config import Config
+from mailsuite.mime import count_fields, has_field, split_message
+from mailsuite.smtp import dkim
+from mailsuite.smtp.server import (
+    ESMTPServer,
+    ESMTPServerFactory,
+    Reply,
+    Transaction,
+    received_header,
+)
+from mailsuite.store import (
+    AccountRow,
+    AsyncStore,
+    Delivery,
+    Outbound,
+    Resolution,
+    SenderIdentities,
+    Submission,
+    new_queue_id,
+)
+from mailsuite.store.batcher import Batcher
+from mailsuite.structure import imap_structure
+
+log = Logger(namespace="mailsuite.submission")
+
+
+@dataclass
+class SubmissionContext:
+    config: Config
+    store: AsyncStore
+    submissions: Batcher[Submission]
+    authenticator: Authenticator
+    reactor: Any
+    queued: Any  # called after a commit that queued mail (wakes the delivery workers)
+    #: signing keys by domain, with their expiry, so a message costs no key lookup
+    keys: dict[str, tuple[list[dkim.DKIMKey], float]] = field(default_factory=dict)
+
+    KEY_TTL = 60.0
+
+    def signing_keys(self, domain: str) -> list[dkim.DKIMKey]:
+        """In a thread: the domain's active keys (cached a minute, so a rotation shows soon)."""
+        hit = self.keys.get(domain)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
+                for k in self.store.store.dkim_keys(domain)]
+        self.keys[domain] = (keys, time.monotonic() + self.KEY_TTL)
+        return keys
+
+
+class SubmissionFactory(ESMTPServerFactory):
+    def __init__(self, context: SubmissionContext, tls_options: Any | None,
+                 implicit_tls: bool = False) -> None:
+        super().__init__(context.config.server.hostname, context.config.smtp, tls_options,
+                         clock=context.reactor, implicit_tls=implicit_tls)
+        self.context = context
+
+    def buildProtocol(self, addr: Any) -> SubmissionServer:
+        proto = SubmissionServer(self.context)
+        proto.factory = self
+        return proto
+
+
+class SubmissionServer(ESMTPServer):
+    service_name = "ESMTP submission"
+
+    def __init__(self, context: SubmissionContext) -> None:
+        super().__init__()
+        self.context = context
+        self.account: AccountRow | None = None
+        self.identities: SenderIdentities | None = None
+        self._sasl: tuple[str, str | None] | None = None  # (mechanism, username so far)
+
+    @property
+    def _may_authenticate(self) -> bool:
+        return self.tls or self.context.config.auth.allow_plaintext
+
+    def extensions(self) -> list[str]:
+        exts = super().extensions()
+        if self._may_authenticate and self.account is None:
+            exts.append("AUTH PLAIN LOGIN")
+        return exts
+
+    # --- AUTH (RFC 4954) -----------------------------------------------------------------
+    def line_received(self, line: bytes) -> defer.Deferred | None:
+        if self._sasl is None:
+            return super().line_received(line)
+        text = line.decode("ascii", "replace").strip()
+        mechanism, username = self._sasl
+        self._sasl = None
+        if text == "*":
+            self._send(Reply(501, "5.0.0", "Authentication cancelled"))
+            return None
+        return self._respond(self._sasl_step(mechanism, username, text))
+
+    def _respond(self, result: Reply | defer.Deferred | None) -> defer.Deferred | None:
+        if isinstance(result, defer.Deferred):
+            return self._answer_later(result)
+        if result is not None:
+            self._send(result)
+        return None
+
+    def smtp_AUTH(self, argument: str) -> Reply | defer.Deferred | None:
+        if self.helo is None or not self.esmtp:
+            return self._junk_and(Reply(503, "5.5.1", "Error: send EHLO first"))
+        if self.account is not None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: already authenticated"))
+        if self.transaction is not None:
+            return self._junk_and(Reply(503, "5.5.1", "Error: AUTH not allowed during a mail "
+                                                       "transaction"))
+        if not self._may_authenticate:
+            return Reply(538, "5.7.11", "Encryption required for requested authentication "
+                                        "mechanism; use STARTTLS first")
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return self._junk_and(Reply(504, "5.5.4", "Unrecognized authentication type"))
+        if not initial:
+            self._sasl = (mechanism, None)
+            return Reply(334, "", "" if mechanism == "PLAIN" else "VXNlcm5hbWU6")  # Username:
+        return self._sasl_step(mechanism, None, initial)
+
+    def _sasl_step(self, mechanism: str, username: str | None,
+                   response: str) -> Reply | defer.Deferred:
+        if mechanism == "PLAIN":
+            try:
+                user, password = decode_sasl_plain("" if response == "=" else response)
+            except SASLError as exc:
+                return Reply(501, "5.5.2", f"Cannot decode response: {exc}")
+            return self._login(user, password)
+        try:
+            value = base64.b64decode(response, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return Reply(501, "5.5.2", "Cannot decode response")
+        if username is None:
+            self._sasl = ("LOGIN", value)
+            return Reply(334, "", "UGFzc3dvcmQ6")  # Password:
+        return self._login(username, value)
+
+    def _login(self, username: str, password: str) -> defer.Deferred:
+        d = self.context.authenticator.login(username, password, self.peer_ip)
+        d.addCallback(self._logged_in, username)
+        return d
+
+    def _logged_in(self, account: AccountRow | None, username: str) -> Any:
+        if account is None:
+            log.info("submission login failed peer={peer} user={user}", peer=self.peer_ip,
+                     user=username)
+            if self.context.authenticator.should_disconnect(self.peer_ip):
+                self._send(Reply(421, "4.7.0", f"{self.hostname} Too many failed logins"))
+                self.close()
+                return None
+            return Reply(535, "5.7.8", "Authentication credentials invalid")
+        d = self.context.store.sender_identities(account.id)
+
+        def done(identities: SenderIdentities) -> Reply:
+            self.account, self.identities = account, identities
+            return Reply(235, "2.7.0", "Authentication successful")
+
+        return d.addCallback(done)
+
+    # --- MAIL FROM, RCPT TO --------------------------------------------------------------
+    def check_sender(self, txn: Transaction) -> Reply:
+        if self.account is None or self.identities is None:
+            return Reply(530, "5.7.0", "Authentication required")
+        if txn.sender is None:
+            return Reply(553, "5.7.1", "The null sender is for bounces, not for submission")
+        if not self.identities.allows(txn.sender.normal):
+            return Reply(553, "5.7.1", f"<{txn.sender}>: Sender address not owned by user "
+                                       f"{self.account.address}")
+        return Reply(250, "2.1.0", "Ok")
+
+    def check_recipient(self, txn: Transaction, address: Address) -> Any:
+        if self.account is None:
+            return Reply(530, "5.7.0", "Authentication required"), None
+        if address.is_ip_literal:
+            return Reply(550, "5.1.2", f"<{address}>: address literals are not accepted"), None
+        d = self.context.store.route_recipient(address.normal)
+        d.addCallback(self._routed, address)
+        return d
+
+    def _routed(self, route: tuple[Resolution, str | None],
+                address: Address) -> tuple[Reply, Any]:
+        resolution, suppressed = route
+        if resolution.kind == "unknown":
+            return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: "
+                                       "user unknown"), None
+        if suppressed is not None:
+            return Reply(550, "5.7.1", f"<{address}>: Recipient address is suppressed after a "
+                                       f"hard bounce ({suppressed}); the postmaster can clear "
+                                       "it"), None
+        return Reply(250, "2.1.5", "Ok"), resolution
+
+    # --- DATA ----------------------------------------------------------------------------
+    def accept_message(self, txn: Transaction, raw: bytes) -> Any:
+        limit = self.context.config.smtp.max_received_headers
+        if count_fields(raw, "Received") >= limit:
+            return Reply(554, "5.4.6", f"Mail loop detected: {limit} Received headers")
+        queue_id = new_queue_id()
+        received = received_header(txn, self.esmtp, self.tls, self.helo or "", self.peer_ip,
+                                   self.hostname, queue_id, authenticated=True)
+        reactor = self.context.reactor
+        d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), self._prepare, txn, raw,
+                                      received, queue_id)
+        d.addCallback(self._commit, queue_id)
+        return d
+
+    def _prepare(self, txn: Transaction, raw: bytes, received: bytes,
+                 queue_id: str) -> Submission | Reply:
+        """In a thread: check From:, complete the header, sign, and split by destination."""
+        assert self.identities is not None and self.account is not None
+        header, _ = split_message(raw)
+        parsed = HeaderParser().parsestr(header.decode("utf-8", "replace"))
+        senders = [address for _, address in email.utils.getaddresses(parsed.get_all("From", []))]
+        if not senders or not all("@" in a for a in senders):
+            return Reply(550, "5.6.0", "Message refused: it needs a From: header with an "
+                                       "address (RFC 5322 3.6.2)")
+        for address in senders:
+            if not self.identities.allows(address):
+                return Reply(553, "5.7.1", f"From: <{address}> is not an address of user "
+                                           f"{self.account.address}")
+        # RFC 6409 8.2, 8.3: the submission server completes a header missing these.
+        extra = b""
+        if not has_field(raw, "Date"):
+            extra += f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode()
+        if not has_field(raw, "Message-ID"):
+            extra += f"Message-ID: <{secrets.token_hex(12)}@{self.hostname}>\r\n".encode()
+        domain = senders[0].rpartition("@")[2].lower()
+        signed = dkim.sign_message(extra + raw, self.context.signing_keys(domain))
+        message = received + signed
+        local: list[int] = []
+        remote: list[str] = []
+        for address, resolution in txn.recipients:
+            if resolution.kind == "foreign":
+                remote.append(str(address))
+            else:
+                local.extend(resolution.account_ids)
+                remote.extend(resolution.external)
+        delivery = outbound = None
+        detail = {"queue_id": queue_id, "sender": txn.sender_text, "via": "submission",
+                  "user": self.account.address}
+        if local:
+            copy = f"Return-Path: <{txn.sender_text}>\r\n".encode() + message
+            delivery = Delivery(raw=copy, account_ids=tuple(sorted(set(local))), detail=detail,
+                                structure=imap_structure(copy))
+        if remote:
+            outbound = Outbound(
+                sender=txn.sender_text, recipients=tuple(dict.fromkeys(remote)), raw=message,
+                return_to=txn.sender_text, account_id=self.account.id, kind="submission",
+                smtputf8=txn.smtputf8 or not all(a.isascii() for a in remote),
+                detail=detail)
+        return Submission(queue_id, delivery, outbound)
+
+    def _commit(self, prepared: Submission | Reply, queue_id: str) -> Any:
+        if isinstance(prepared, Reply):
+            return prepared
+        d = self.context.submissions.submit(prepared)
+
+        def committed(_: Any) -> Reply:
+            if prepared.outbound is not None:
+                self.context.queued()
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+        def failed(failure: Any) -> Reply:
+            log.failure("committing submission {queue_id} failed", failure=failure,
+                        queue_id=queue_id)
+            return Reply(451, "4.3.0", "Error: could not queue the message, try again later")
+
+        return d.addCallbacks(committed, failed)
