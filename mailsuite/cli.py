@@ -7,12 +7,14 @@ import getpass
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mailsuite.addresses import AddressError, parse_account_address
+from mailsuite.addresses import AddressError, parse_account_address, parse_domain
 from mailsuite.config import ConfigError, load_config
 from mailsuite.passwords import PasswordError, hash_password
+from mailsuite.smtp import dkim
 from mailsuite.store import Store, StoreError, open_store
 
 DEFAULT_CONFIG = os.environ.get("MAILSUITE_CONFIG", "conf/mailsuite.toml")
@@ -36,9 +38,46 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _new_keys(args: argparse.Namespace, domain: str) -> list[dkim.DKIMKey]:
+    keys = [dkim.generate_key(domain, dkim.RSA_SHA256, bits=args.config.dkim.rsa_bits)]
+    if args.config.dkim.ed25519:
+        keys.append(dkim.generate_key(domain, dkim.ED25519_SHA256))
+    return keys
+
+
 def cmd_domain_add(store: Store, args: argparse.Namespace) -> None:
-    store.domain_add(args.name)
-    print(f"added domain {args.name.lower()}")
+    name = parse_domain(args.name)
+    keys = _new_keys(args, name)
+    store.domain_add(name, [(k.selector, k.algorithm, k.private_key) for k in keys])
+    print(f"added domain {name}; DKIM selector(s): {', '.join(k.selector for k in keys)}")
+    print(f"publish the records printed by: mailsuite domain dns {name}")
+
+
+def cmd_domain_dns(store: Store, args: argparse.Namespace) -> None:
+    name = parse_domain(args.name)
+    if not store.is_local_domain(name):
+        raise CommandError(f"unknown domain {name}")
+    keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
+            for k in store.dkim_keys(name)]
+    if not keys:
+        print(f"; {name} has no DKIM key yet: mailsuite dkim rotate {name}", file=sys.stderr)
+    print(dkim.format_zone(dkim.dns_records(name, args.config.server.hostname, keys)), end="")
+
+
+def cmd_dkim_rotate(store: Store, args: argparse.Namespace) -> None:
+    name = parse_domain(args.name)
+    if not store.is_local_domain(name):
+        raise CommandError(f"unknown domain {name}")
+    for key in _new_keys(args, name):
+        store.dkim_key_add(name, key.selector, key.algorithm, key.private_key)
+        print(f"{name}: new {key.algorithm} selector {key.selector}")
+    print("publish its record before mail signed with it leaves (servers cache DNS); "
+          "keep the old record published for a few days")
+
+
+def cmd_dkim_list(store: Store, args: argparse.Namespace) -> None:
+    for key in store.dkim_keys(parse_domain(args.name), active_only=False):
+        print(f"{key.selector}\t{key.algorithm}\t{'active' if key.active else 'retired'}")
 
 
 def cmd_domain_list(store: Store, args: argparse.Namespace) -> None:
@@ -94,11 +133,86 @@ def cmd_alias_remove(store: Store, args: argparse.Namespace) -> None:
     print(f"removed alias {args.source.lower()}")
 
 
+def cmd_sender_grant(store: Store, args: argparse.Namespace) -> None:
+    store.grant_add(args.address, args.domain)
+    print(f"{args.address.lower()} may now send as any address of {args.domain.lower()}")
+
+
+def cmd_sender_revoke(store: Store, args: argparse.Namespace) -> None:
+    store.grant_remove(args.address, args.domain)
+    print(f"{args.address.lower()} may no longer send for {args.domain.lower()}")
+
+
+def cmd_sender_list(store: Store, args: argparse.Namespace) -> None:
+    for domain in store.grant_list(args.address):
+        print(domain)
+
+
+def cmd_queue_list(store: Store, args: argparse.Namespace) -> None:
+    entries = store.queue_list()
+    for entry in entries:
+        print(f"{entry.queue_id}  {entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.size:>8}  "
+              f"{entry.kind}  <{entry.sender}>")
+        for recipient, state, attempts, next_at, reply in entry.recipients:
+            print(f"    <{recipient}>  {state}  attempts={attempts}  "
+                  f"next={next_at:%Y-%m-%d %H:%M:%S}" + (f"  {reply}" if reply else ""))
+    print(f"{len(entries)} message(s), {sum(len(e.recipients) for e in entries)} recipient(s)")
+
+
+def cmd_queue_show(store: Store, args: argparse.Namespace) -> None:
+    entries = store.queue_list(args.queue_id)
+    raw = store.queue_message(args.queue_id)
+    if not entries or raw is None:
+        raise CommandError(f"no queued message {args.queue_id}")
+    entry = entries[0]
+    print(f"Queue-ID: {entry.queue_id}\nKind: {entry.kind}\nSender: <{entry.sender}>\n"
+          f"Created: {entry.created_at.isoformat()}\nSize: {entry.size}")
+    for recipient, state, attempts, next_at, reply in entry.recipients:
+        print(f"Recipient: <{recipient}> state={state} attempts={attempts} "
+              f"next={next_at.isoformat()} last-reply={reply or '-'}")
+    print()
+    header = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    sys.stdout.write((raw if args.body else header).decode("utf-8", "replace").replace("\r\n",
+                                                                                     "\n"))
+
+
+def cmd_queue_retry(store: Store, args: argparse.Namespace) -> None:
+    if not args.queue_id and not args.all:
+        raise CommandError("name a queue id, or --all")
+    count = store.queue_retry(None if args.all else args.queue_id, datetime.now(UTC))
+    if args.queue_id and not count:
+        raise CommandError(f"no queued message {args.queue_id}")
+    print(f"{count} recipient(s) due now")
+
+
+def cmd_queue_delete(store: Store, args: argparse.Namespace) -> None:
+    count = store.queue_delete(args.queue_id)
+    if not count:
+        raise CommandError(f"no queued message {args.queue_id}")
+    print(f"deleted {args.queue_id.upper()} ({count} recipient(s), no bounce sent)")
+
+
+def cmd_suppression_list(store: Store, args: argparse.Namespace) -> None:
+    for address, reason, created in store.suppression_list():
+        print(f"{address}\t{created:%Y-%m-%d %H:%M:%S}\t{reason}")
+
+
+def cmd_suppression_clear(store: Store, args: argparse.Namespace) -> None:
+    if not args.address and not args.all:
+        raise CommandError("name an address, or --all")
+    count = store.suppression_clear(None if args.all else args.address)
+    if args.address and not count:
+        raise CommandError(f"{args.address.lower()} is not suppressed")
+    print(f"cleared {count} address(es)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailsuite", description="mailsuite administration")
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                         help="configuration file (default: %(default)s)")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{domain,user,alias}")
+    groups = parser.add_subparsers(
+        dest="group", required=True,
+        metavar="{domain,user,alias,sender,dkim,queue,suppression}")
 
     def add(group: argparse._SubParsersAction, name: str, handler: Callable,
             help_text: str) -> argparse.ArgumentParser:
@@ -110,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = domain.add_subparsers(dest="action", required=True)
     add(dsub, "add", cmd_domain_add, "add a domain").add_argument("name")
     add(dsub, "list", cmd_domain_list, "list domains")
+    add(dsub, "dns", cmd_domain_dns, "print the DNS records to publish").add_argument("name")
     remove = add(dsub, "remove", cmd_domain_remove, "remove a domain")
     remove.add_argument("name")
     remove.add_argument("--force", action="store_true",
@@ -133,6 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("destinations", nargs="+")
     add(asub, "list", cmd_alias_list, "list aliases")
     add(asub, "remove", cmd_alias_remove, "remove an alias").add_argument("source")
+
+    sender = groups.add_parser("sender", help="domains an account may send for")
+    ssub = sender.add_subparsers(dest="action", required=True)
+    for name, handler, help_text in (("grant", cmd_sender_grant, "allow a domain"),
+                                     ("revoke", cmd_sender_revoke, "withdraw a domain")):
+        sub = add(ssub, name, handler, help_text)
+        sub.add_argument("address")
+        sub.add_argument("domain")
+    add(ssub, "list", cmd_sender_list, "list an account's domains").add_argument("address")
+
+    dkim_group = groups.add_parser("dkim", help="DKIM signing keys")
+    ksub = dkim_group.add_subparsers(dest="action", required=True)
+    add(ksub, "rotate", cmd_dkim_rotate, "make a new key (selector) that signs from now on"
+        ).add_argument("name")
+    add(ksub, "list", cmd_dkim_list, "list a domain's keys").add_argument("name")
+
+    queue = groups.add_parser("queue", help="the outbound queue")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    add(qsub, "list", cmd_queue_list, "list queued messages and recipients")
+    sub = add(qsub, "show", cmd_queue_show, "show one queued message")
+    sub.add_argument("queue_id")
+    sub.add_argument("--body", action="store_true", help="print the whole message")
+    sub = add(qsub, "retry", cmd_queue_retry, "try waiting recipients now")
+    sub.add_argument("queue_id", nargs="?")
+    sub.add_argument("--all", action="store_true", help="every queued message")
+    add(qsub, "delete", cmd_queue_delete, "drop a message without a bounce"
+        ).add_argument("queue_id")
+
+    suppression = groups.add_parser("suppression", help="addresses that hard-bounced")
+    psub = suppression.add_subparsers(dest="action", required=True)
+    add(psub, "list", cmd_suppression_list, "list suppressed addresses")
+    sub = add(psub, "clear", cmd_suppression_clear, "let an address receive again")
+    sub.add_argument("address", nargs="?")
+    sub.add_argument("--all", action="store_true", help="clear every address")
     return parser
 
 

@@ -119,10 +119,11 @@ def _txt_strings(value: str) -> str:
 
 def _load_private(key: DKIMKey) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
     private = serialization.load_pem_private_key(key.private_key, password=None)
-    expected = rsa.RSAPrivateKey if key.algorithm == RSA_SHA256 else ed25519.Ed25519PrivateKey
-    if key.algorithm not in ALGORITHMS or not isinstance(private, expected):
-        raise ValueError(f"DKIM key {key.selector} is not a {key.algorithm} key")
-    return private
+    if key.algorithm == RSA_SHA256 and isinstance(private, rsa.RSAPrivateKey):
+        return private
+    if key.algorithm == ED25519_SHA256 and isinstance(private, ed25519.Ed25519PrivateKey):
+        return private
+    raise ValueError(f"DKIM key {key.selector} is not a usable {key.algorithm} key")
 
 
 def _dkimpy_private_key(key: DKIMKey) -> bytes:

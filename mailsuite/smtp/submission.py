@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from typing import Any
 
+import dkim as dkimpy
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
@@ -248,7 +249,10 @@ class SubmissionServer(ESMTPServer):
         if not has_field(raw, "Message-ID"):
             extra += f"Message-ID: <{secrets.token_hex(12)}@{self.hostname}>\r\n".encode()
         domain = senders[0].rpartition("@")[2].lower()
-        signed = dkim.sign_message(extra + raw, self.context.signing_keys(domain))
+        try:
+            signed = dkim.sign_message(extra + raw, self.context.signing_keys(domain))
+        except dkimpy.DKIMException as exc:
+            return Reply(550, "5.6.0", f"Message refused: malformed header section ({exc})")
         message = received + signed
         local: list[int] = []
         remote: list[str] = []

@@ -87,12 +87,23 @@ def test_catch_all_takes_unknown_local_parts_but_not_other_domains(mailsuite: Ma
     assert len(mailsuite.inbox(catcher)) == 1
 
 
-def test_alias_to_external_address_is_refused_temporarily(mailsuite: Mailsuite) -> None:
+def test_alias_to_external_address_is_accepted_and_queued_for_forwarding(
+        mailsuite: Mailsuite) -> None:
     domain = mailsuite.new_domain()
     mailsuite.store.alias_add(f"fwd@{domain}", ["someone@elsewhere.example"])
     client = open_transaction(mailsuite)
-    code, text = client.cmd(f"RCPT TO:<fwd@{domain}>")
-    assert code == 451 and text.startswith("4.3.0") and "forwarding" in text
+    code, _ = client.cmd(f"RCPT TO:<fwd@{domain}>")
+    assert code == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: forward me\r\n\r\nbody\r\n.\r\n")
+    code, text = client.reply()
+    assert code == 250
+    queue_id = text.split()[-1]
+    # Queued in the same commit as the 250, with its envelope sender rewritten (SRS).
+    [queued] = [e.detail for e in mailsuite.store.events("queued", limit=100000)
+                if e.detail["queue_id"] == queue_id]
+    assert queued["kind"] == "forward" and queued["sender"].startswith("SRS0=")
+    assert queued["recipients"] == ["someone@elsewhere.example"]
     client.close()
 
 
