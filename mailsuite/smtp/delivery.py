@@ -34,7 +34,8 @@ from mailsuite.smtp.client import (
     send_mail,
 )
 from mailsuite.smtp.routing import MXHost, RouteError, resolve_route
-from mailsuite.store import AsyncStore, Job, Outcome, QueuedRecipient
+from mailsuite.store import AsyncStore, Job, Outcome, QueuedRecipient, Settlement
+from mailsuite.store.batcher import Batcher
 
 log = Logger(namespace="mailsuite.delivery")
 
@@ -76,6 +77,10 @@ class QueueRunner(service.Service):
         self._stopping = False
         self._idle: list[defer.Deferred] = []
         self._trust = _load_trust(config.delivery.ca_file)
+        self._wanted = False  # woken while a claim was running: look again right after it
+        # Outcomes from every connection share transactions, as deliveries do in the MX.
+        self._settlements: Batcher[Settlement] = Batcher(
+            store.store.queue_settle_many, store.pool, reactor, config.database.batch_max)
 
     # --- scheduling ----------------------------------------------------------------------
     def startService(self) -> None:
@@ -85,7 +90,9 @@ class QueueRunner(service.Service):
 
     def wake(self) -> None:
         """New mail was queued by this process: look now rather than at the next poll."""
-        if self._call is not None and self._call.active():
+        if self._claiming:
+            self._wanted = True
+        elif self._call is not None and self._call.active():
             self._call.reset(0)
 
     def _schedule(self, delay: float) -> None:
@@ -132,10 +139,11 @@ class QueueRunner(service.Service):
 
     def _claim_done(self, count: Any) -> None:
         self._claiming = False
-        busy = isinstance(count, int) and count > 0
+        busy = isinstance(count, int) and count >= max(1, self.delivery.claim_batch // 2)
         # A full claim means more is probably due: look again at once.
-        self._schedule(0 if busy and count >= self.delivery.claim_batch // 2
-                       else self.delivery.poll_interval)
+        self._schedule(0 if busy or self._wanted else self.delivery.poll_interval)
+        self._wanted = False
+        self._check_idle()
 
     def _start_connections(self) -> None:
         for dest in list(self.destinations.values()):
@@ -179,7 +187,9 @@ class QueueRunner(service.Service):
 
     async def _deliver(self, session: Session, work: Work) -> Session | None:
         """Send one message; the session if it can carry another."""
-        data = await self.store.queue_data(work.job.outbound_id)
+        data = work.job.data
+        if data is None:
+            data = await self.store.queue_data(work.job.outbound_id)
         if data is None:
             return session  # deleted by an operator meanwhile
         addresses = [rcpt.recipient for rcpt in work.recipients]
@@ -274,7 +284,7 @@ class QueueRunner(service.Service):
             bounce = await threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), self._bounce, job, failed, now)
         try:
-            await self.store.queue_record(job, outcomes, now, bounce)
+            await self._settlements.submit(Settlement(job, tuple(outcomes), now, bounce))
         except Exception:
             # The claim runs out and the recipients are tried again: a duplicate at worst.
             log.failure("recording delivery results for {queue_id} failed",

@@ -39,6 +39,7 @@ from mailsuite.store.queue import (
     QueuedRecipient,
     QueueEntry,
     QueueMixin,
+    Settlement,
     Submission,
     new_queue_id,
 )
@@ -48,7 +49,7 @@ __all__ = [
     "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "FetchRow", "InUse",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
-    "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Submission",
+    "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Settlement", "Submission",
     "SenderIdentities", "SigningKey", "new_queue_id",
 ]
 

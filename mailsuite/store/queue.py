@@ -74,6 +74,7 @@ class Job:
     size: int
     created_at: datetime
     recipients: tuple[QueuedRecipient, ...]
+    data: bytes | None = None  # small messages come with the claim; others via queue_data()
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,17 @@ class Outcome:
     remote: str = ""
     next_attempt_at: datetime | None = None
     suppress: bool = False  # a hard bounce at RCPT: refuse the address from now on
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The outcomes of one attempt at some of a job's recipients, and the DSN (if any) to
+    route to the job's return_to in the same transaction."""
+
+    job: Job
+    outcomes: tuple[Outcome, ...]
+    now: datetime
+    bounce: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,9 @@ class QueueMixin:
         return [item.queue_id for item in items]
 
     # --- delivering ----------------------------------------------------------------------
+    #: messages up to this size come with their claim, saving a query per message
+    INLINE_DATA = 256 * 1024
+
     def queue_claim(self, holder: str, now: datetime, limit: int, lease: float) -> list[Job]:
         """Take up to `limit` due recipients for `lease` seconds, grouped by message."""
         with self.db.write() as conn:
@@ -157,12 +172,16 @@ class QueueMixin:
                        o.c.queue_id, o.c.kind, o.c.sender, o.c.return_to, o.c.account_id,
                        o.c.smtputf8, o.c.eightbit, o.c.size, o.c.created_at)
                 .select_from(r.join(o)).where(r.c.id.in_(ids)).order_by(o.c.id, r.c.id)).all()
+            small = {row.oid for row in rows if row.size <= self.INLINE_DATA}
+            data = dict(conn.execute(select(o.c.id, o.c.data).where(o.c.id.in_(small))).all()
+                        ) if small else {}
         jobs: dict[int, tuple[Any, list[QueuedRecipient]]] = {}
         for row in rows:
             jobs.setdefault(row.oid, (row, []))[1].append(
                 QueuedRecipient(row.id, row.recipient, row.domain, row.attempts))
         return [Job(row.oid, row.queue_id, row.kind, row.sender, row.return_to, row.account_id,
-                    row.smtputf8, row.eightbit, row.size, _utc(row.created_at), tuple(rcpts))
+                    row.smtputf8, row.eightbit, row.size, _utc(row.created_at), tuple(rcpts),
+                    data.get(row.oid))
                 for row, rcpts in jobs.values()]
 
     def queue_data(self, outbound_id: int) -> bytes | None:
@@ -171,11 +190,21 @@ class QueueMixin:
 
     def queue_record(self, job: Job, outcomes: Sequence[Outcome], now: datetime,
                      bounce: bytes | None = None) -> None:
-        """Settle claimed recipients; `bounce` is a DSN to route to job.return_to, committed
-        in the same transaction so a bounce is never recorded without its notice."""
-        with self.db.write() as conn:
-            events = []
-            for outcome in outcomes:
+        """Settle claimed recipients (see queue_settle_many)."""
+        [result] = self.queue_settle_many([Settlement(job, tuple(outcomes), now, bounce)])
+        if isinstance(result, Exception):
+            raise result
+
+    def queue_settle_many(self, settlements: list[Settlement]) -> list[Any]:
+        """Record outcomes, many attempts in one transaction; a DSN is committed with the
+        bounce it reports, so a recipient is never settled without its notice."""
+        return self.db.write_batch(settlements, self._settle_all)
+
+    def _settle_all(self, conn: Connection, settlements: Sequence[Settlement]) -> list[None]:
+        events = []
+        for item in settlements:
+            job, now = item.job, item.now
+            for outcome in item.outcomes:
                 rid = outcome.recipient.id
                 if outcome.state == "deferred":
                     conn.execute(update(r).where(r.c.id == rid).values(
@@ -192,13 +221,20 @@ class QueueMixin:
                 events.append(_event(now, outcome.state, job.account_id, detail))
                 if outcome.suppress and self._suppress(conn, outcome, now):
                     events.append(_event(now, "suppressed", job.account_id, detail))
-            if bounce is not None and job.return_to:
-                self._route_bounce(conn, job, bounce)
-            if events:
-                conn.execute(insert(t.events), events)
+            if item.bounce is not None and job.return_to:
+                self._route_bounce(conn, job, item.bounce)
+        # The message leaves with its last recipient. Its row is locked first (in id order,
+        # so two processes never deadlock) so that two processes settling its last two
+        # recipients at once cannot both still see the other's and leave it behind.
+        for outbound_id in sorted({item.job.outbound_id for item in settlements}):
+            lock = select(o.c.id).where(o.c.id == outbound_id)
+            conn.execute(lock if self.db.is_sqlite else lock.with_for_update())
             if not conn.scalar(select(func.count()).select_from(r)
-                               .where(r.c.outbound_id == job.outbound_id)):
-                conn.execute(delete(o).where(o.c.id == job.outbound_id))
+                               .where(r.c.outbound_id == outbound_id)):
+                conn.execute(delete(o).where(o.c.id == outbound_id))
+        if events:
+            conn.execute(insert(t.events), events)
+        return [None] * len(settlements)
 
     @staticmethod
     def _suppress(conn: Connection, outcome: Outcome, now: datetime) -> bool:
