@@ -78,6 +78,7 @@ class QueueRunner(service.Service):
         self._idle: list[defer.Deferred] = []
         self._trust = _load_trust(config.delivery.ca_file)
         self._wanted = False  # woken while a claim was running: look again right after it
+        self._opening: set[defer.Deferred] = set()  # connections not yet carrying mail
         # Outcomes from every connection share transactions, as deliveries do in the MX.
         self._settlements: Batcher[Settlement] = Batcher(
             store.store.queue_settle_many, store.pool, reactor, config.database.batch_max)
@@ -165,11 +166,17 @@ class QueueRunner(service.Service):
                 if self.clock.seconds() - work.claimed_at > self.delivery.claim_timeout * 0.8:
                     continue  # our claim is running out; whoever claims it next will send it
                 if session is None:
+                    opening = defer.ensureDeferred(self._open(dest, work))
+                    self._opening.add(opening)
                     try:
-                        session = await self._open(dest, work)
+                        session = await opening
+                    except defer.CancelledError:
+                        break  # stopping: nothing was sent; the claim is given back
                     except (RouteError, SessionError) as exc:
                         await self._fail_destination(dest, work, exc)
                         break
+                    finally:
+                        self._opening.discard(opening)
                 session = await self._deliver(session, work)
                 sent += 1
                 if session is not None and sent >= self.delivery.max_messages_per_connection:
@@ -327,6 +334,8 @@ class QueueRunner(service.Service):
         self._call = None
         for dest in self.destinations.values():
             dest.pending.clear()  # still claimed: released by the store at stop
+        for opening in list(self._opening):
+            opening.cancel()  # waiting for a connection or a greeting: nothing to lose
         d: defer.Deferred = defer.Deferred()
         self._idle.append(d)
         self._check_idle()

@@ -251,7 +251,8 @@ class QueueMixin:
         detail = {"bounce_for": job.queue_id}
         delivery = outbound = None
         if resolution.account_ids:
-            delivery = Delivery(raw=bounce, account_ids=resolution.account_ids, detail=detail)
+            delivery = Delivery(raw=b"Return-Path: <>\r\n" + bounce,
+                                account_ids=resolution.account_ids, detail=detail)
         targets = resolution.external if resolution.kind != "foreign" else (job.return_to,)
         if targets:
             outbound = Outbound(sender="", recipients=tuple(targets), raw=bounce,
