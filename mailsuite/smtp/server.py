@@ -146,7 +146,9 @@ class ESMTPServer(SerialLineProtocol):
         Without this look, a loaded server would read an early talker's input only after
         its greeting timer had fired, and take it for a conforming client.
         """
-        if self.limits.greeting_delay <= 0:
+        if self.limits.greeting_delay <= 0 or self.factory.implicit_tls:
+            # Under implicit TLS the handle is a pyOpenSSL Connection, not a socket; input
+            # before the greeting is still refused by dataReceived.
             return False
         try:
             handle = self.transport.getHandle()

@@ -12,6 +12,7 @@ import email.utils
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.parser import HeaderParser
 from typing import Any
 
@@ -245,7 +246,8 @@ class SubmissionServer(ESMTPServer):
         # RFC 6409 8.2, 8.3: the submission server completes a header missing these.
         extra = b""
         if not has_field(raw, "Date"):
-            extra += f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode()
+            now = email.utils.format_datetime(datetime.now(UTC))  # +0000, not "no zone" -0000
+            extra += f"Date: {now}\r\n".encode()
         if not has_field(raw, "Message-ID"):
             extra += f"Message-ID: <{secrets.token_hex(12)}@{self.hostname}>\r\n".encode()
         domain = senders[0].rpartition("@")[2].lower()
