@@ -62,10 +62,6 @@ def cmd_domain_dns(store: Store, args: argparse.Namespace) -> None:
     if not keys:
         print(f"; {name} has no DKIM key yet: mailsuite dkim rotate {name}", file=sys.stderr)
     print(dkim.format_zone(dkim.dns_records(name, args.config.server.hostname, keys)), end="")
-    retired = [k.selector for k in store.dkim_keys(name, active_only=False) if not k.active]
-    if retired:
-        print(f"; retired selectors, keep their records a few days after a rotation: "
-              f"{', '.join(retired)}", file=sys.stderr)
 
 
 def cmd_dkim_rotate(store: Store, args: argparse.Namespace) -> None:
