@@ -112,8 +112,9 @@ class MXServer(ESMTPServer):
         self.context.remember_recipient(address.normal, resolution)
         if resolution.kind == "foreign":
             return self._relay_denied(address)
-        if resolution.kind == "unknown" and SRS.is_srs(address.local):
-            # A reply or bounce to an address we rewrote when forwarding (SRS).
+        if resolution.kind != "foreign" and SRS.is_srs(address.local):
+            # A reply or bounce to an address we rewrote when forwarding (SRS); checked
+            # before aliases, or a catch-all would swallow every returning bounce.
             try:
                 original = self.context.srs.reverse(address.normal)
             except SRSError:
