@@ -8,6 +8,7 @@ thread.
 from __future__ import annotations
 
 import base64
+import functools
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,9 @@ def _load_private(key: DKIMKey) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     raise ValueError(f"DKIM key {key.selector} is not a usable {key.algorithm} key")
 
 
+@functools.lru_cache(maxsize=1024)
 def _dkimpy_private_key(key: DKIMKey) -> bytes:
+    # Cached: loading a PEM RSA key checks it, ~40 ms, which would be most of a signature.
     private = _load_private(key)
     if isinstance(private, ed25519.Ed25519PrivateKey):
         seed = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
