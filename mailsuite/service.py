@@ -141,6 +141,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     authenticator = Authenticator(async_store, reactor)
     submission = SubmissionContext(config, async_store, submissions, authenticator, reactor,
                                    queued=runner.wake)
+    runner.on_suppressed = submission.forget_route
     for name, implicit in (("submission", False), ("submissions", True)):
         listen(name, getattr(config.listen, name),
                SubmissionFactory(submission, tls_options, implicit_tls=implicit),

@@ -79,6 +79,8 @@ class QueueRunner(service.Service):
         self._trust = _load_trust(config.delivery.ca_file)
         self._wanted = False  # woken while a claim was running: look again right after it
         self._opening: set[defer.Deferred] = set()  # connections not yet carrying mail
+        #: told of each address that hard-bounced (submission forgets what it knew of it)
+        self.on_suppressed: Any = None
         # Outcomes from every connection share transactions, as deliveries do in the MX.
         self._settlements: Batcher[Settlement] = Batcher(
             store.store.queue_settle_many, store.pool, reactor, config.database.batch_max)
@@ -298,6 +300,8 @@ class QueueRunner(service.Service):
                         queue_id=job.queue_id)
             return
         for out in outcomes:
+            if out.suppress and self.on_suppressed is not None:
+                self.on_suppressed(out.recipient.recipient)
             log.info("delivery {queue_id} to=<{rcpt}> relay={remote} status={state} {reply}",
                      queue_id=job.queue_id, rcpt=out.recipient.recipient, remote=remote or "-",
                      state=out.state, reply=out.reply)

@@ -58,8 +58,33 @@ class SubmissionContext:
     queued: Any  # called after a commit that queued mail (wakes the delivery workers)
     #: signing keys by domain, with their expiry, so a message costs no key lookup
     keys: dict[str, tuple[list[dkim.DKIMKey], float]] = field(default_factory=dict)
+    #: recent recipient routes, address -> ((resolution, suppression), expiry); an app
+    #: sending to the same addresses all day costs no lookup per RCPT
+    routes: dict[str, tuple[tuple[Resolution, str | None], float]] = field(
+        default_factory=dict)
 
     KEY_TTL = 60.0
+    ROUTE_TTL = 5.0
+
+    def route(self, address: str) -> tuple[Resolution, str | None] | defer.Deferred:
+        hit = self.routes.get(address)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        d = self.store.route_recipient(address)
+        d.addCallback(self._remember, address)
+        return d
+
+    def forget_route(self, address: str) -> None:
+        """The address's route changed here (it was just suppressed)."""
+        self.routes.pop(address.lower(), None)
+
+    def _remember(self, route: tuple[Resolution, str | None],
+                  address: str) -> tuple[Resolution, str | None]:
+        if route[0].kind != "unknown":  # a user added a moment ago is never refused
+            if len(self.routes) > 10000:
+                self.routes.clear()
+            self.routes[address] = (route, time.monotonic() + self.ROUTE_TTL)
+        return route
 
     def signing_keys(self, domain: str) -> list[dkim.DKIMKey]:
         """In a thread: the domain's active keys (cached a minute, so a rotation shows soon)."""
@@ -199,9 +224,7 @@ class SubmissionServer(ESMTPServer):
             return Reply(530, "5.7.0", "Authentication required"), None
         if address.is_ip_literal:
             return Reply(550, "5.1.2", f"<{address}>: address literals are not accepted"), None
-        d = self.context.store.route_recipient(address.normal)
-        d.addCallback(self._routed, address)
-        return d
+        return self._chain(self.context.route(address.normal), self._routed, address)
 
     def _routed(self, route: tuple[Resolution, str | None],
                 address: Address) -> tuple[Reply, Any]:
