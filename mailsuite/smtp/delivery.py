@@ -17,7 +17,7 @@ from typing import Any
 
 import dns.resolver
 from twisted.application import service
-from twisted.internet import defer, ssl, threads
+from twisted.internet import defer, ssl, task, threads
 from twisted.logger import Logger
 
 from mailsuite.config import Config
@@ -48,7 +48,6 @@ class Work:
 
     job: Job
     recipients: list[QueuedRecipient]
-    claimed_at: float
 
 
 @dataclass
@@ -79,6 +78,9 @@ class QueueRunner(service.Service):
         self._trust = _load_trust(config.delivery.ca_file)
         self._wanted = False  # woken while a claim was running: look again right after it
         self._opening: set[defer.Deferred] = set()  # connections not yet carrying mail
+        self._held: set[int] = set()  # ids of recipients claimed and not yet settled
+        self._renewer = task.LoopingCall(self._renew)
+        self._renewer.clock = self.clock
         #: told of each address that hard-bounced (submission forgets what it knew of it)
         self.on_suppressed: Any = None
         # Outcomes from every connection share transactions, as deliveries do in the MX.
@@ -90,6 +92,7 @@ class QueueRunner(service.Service):
         super().startService()
         self._stopping = False
         self._schedule(0)
+        self._renewer.start(self.delivery.claim_timeout / 3, now=False)
 
     def wake(self) -> None:
         """New mail was queued by this process: look now rather than at the next poll."""
@@ -106,6 +109,11 @@ class QueueRunner(service.Service):
                 self._call.reset(delay)
             return
         self._call = self.clock.callLater(delay, self._tick)
+
+    @property
+    def busy(self) -> bool:
+        """Claiming or sending right now."""
+        return self._claiming or self.connections > 0
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.seconds(), UTC)
@@ -124,19 +132,22 @@ class QueueRunner(service.Service):
         d.addBoth(self._claim_done)
 
     def _claimed(self, jobs: list[Job], room: int) -> int:
-        claimed_at = self.clock.seconds()
         count = 0
         for job in jobs:
             count += len(job.recipients)
+            # A recipient this process still holds can come back if its claim lapsed
+            # (the renewal failed): it is already being sent, so it is not sent again.
+            fresh = [rcpt for rcpt in job.recipients if rcpt.id not in self._held]
+            self._held.update(rcpt.id for rcpt in fresh)
             if self.config.relay.host:
-                groups = {RELAY: list(job.recipients)}
+                groups = {RELAY: fresh} if fresh else {}
             else:
                 groups = {}
-                for rcpt in job.recipients:
+                for rcpt in fresh:
                     groups.setdefault(rcpt.domain, []).append(rcpt)
             for key, recipients in groups.items():
                 dest = self.destinations.setdefault(key, Destination(key))
-                dest.pending.append(Work(job, recipients, claimed_at))
+                dest.pending.append(Work(job, recipients))
         self._start_connections()
         return count
 
@@ -165,8 +176,6 @@ class QueueRunner(service.Service):
         try:
             while dest.pending and not self._stopping:
                 work = dest.pending.popleft()
-                if self.clock.seconds() - work.claimed_at > self.delivery.claim_timeout * 0.8:
-                    continue  # our claim is running out; whoever claims it next will send it
                 if session is None:
                     opening = defer.ensureDeferred(self._open(dest, work))
                     self._opening.add(opening)
@@ -200,6 +209,7 @@ class QueueRunner(service.Service):
         if data is None:
             data = await self.store.queue_data(work.job.outbound_id)
         if data is None:
+            self._release(work)
             return session  # deleted by an operator meanwhile
         addresses = [rcpt.recipient for rcpt in work.recipients]
         try:
@@ -269,6 +279,13 @@ class QueueRunner(service.Service):
     # --- outcomes ------------------------------------------------------------------------
     async def _settle(self, work: Work, results: dict[str, RecipientResult],
                       remote: str) -> None:
+        try:
+            await self._record(work, results, remote)
+        finally:
+            self._release(work)
+
+    async def _record(self, work: Work, results: dict[str, RecipientResult],
+                      remote: str) -> None:
         now = self.now()
         job = work.job
         expires = job.created_at + timedelta(seconds=self.delivery.expire_seconds)
@@ -306,6 +323,19 @@ class QueueRunner(service.Service):
                      queue_id=job.queue_id, rcpt=out.recipient.recipient, remote=remote or "-",
                      state=out.state, reply=out.reply)
 
+    def _release(self, work: Work) -> None:
+        self._held.difference_update(rcpt.id for rcpt in work.recipients)
+
+    def _renew(self) -> defer.Deferred | None:
+        """Extend the claims on everything this process holds, so a slow transaction (or a
+        long wait for a connection) never lets another worker take its recipients."""
+        if not self._held:
+            return None
+        until = self.now() + timedelta(seconds=self.delivery.claim_timeout)
+        d = self.store.queue_renew(self.holder, sorted(self._held), until)
+        d.addErrback(lambda f: log.failure("renewing queue claims failed", failure=f))
+        return d
+
     def _backoff(self, attempts: int) -> timedelta:
         delays = self.delivery.retry_delays
         return timedelta(seconds=delays[min(attempts, len(delays) - 1)])
@@ -336,8 +366,12 @@ class QueueRunner(service.Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        if self._renewer.running:
+            self._renewer.stop()
         for dest in self.destinations.values():
-            dest.pending.clear()  # still claimed: released by the store at stop
+            for work in dest.pending:
+                self._release(work)  # still claimed: given back by the store at stop
+            dest.pending.clear()
         for opening in list(self._opening):
             opening.cancel()  # waiting for a connection or a greeting: nothing to lose
         d: defer.Deferred = defer.Deferred()

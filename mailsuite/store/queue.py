@@ -184,6 +184,17 @@ class QueueMixin:
                     data.get(row.oid))
                 for row, rcpts in jobs.values()]
 
+    def queue_renew(self, holder: str, ids: list[int], until: datetime) -> int:
+        """Extend `holder`'s claims on these recipients (those it still holds)."""
+        renewed = 0
+        with self.db.write() as conn:
+            for start in range(0, len(ids), 500):
+                renewed += conn.execute(
+                    update(r).where(and_(r.c.id.in_(ids[start:start + 500]),
+                                         r.c.claimed_by == holder))
+                    .values(claimed_until=until)).rowcount
+        return renewed
+
     def queue_data(self, outbound_id: int) -> bytes | None:
         with self.db.read() as conn:
             return conn.scalar(select(o.c.data).where(o.c.id == outbound_id))

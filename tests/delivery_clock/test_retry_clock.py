@@ -128,9 +128,9 @@ class RetryOnASimulatedClock(unittest.TestCase):
     @defer.inlineCallbacks
     def settled(self, done: Callable[[], bool], what: str) -> Any:
         """Wait (real time) until done() holds and the runner is idle again: no connection
-        open, no claim running, its next poll waiting on the simulated clock."""
+        open and no claim running, so its next poll waits on the simulated clock."""
         deadline = time.monotonic() + WAIT
-        while not (done() and self.runner.connections == 0 and self.clock.getDelayedCalls()):
+        while not (done() and not self.runner.busy):
             if time.monotonic() > deadline:
                 self.fail(f"timed out waiting for {what}: connections="
                           f"{self.runner.connections}, pending calls="
