@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,27 +22,12 @@ from mailsuite.store import (
     open_store,
 )
 from mailsuite.store import schema as t
+from tests.store.conftest import new_domain
 
 HASH = "$2b$04$" + "x" * 53  # the store does not look inside; nobody logs in here
 LEASE = 300.0
 
 
-@pytest.fixture
-def db_url(backend: str, new_db_url: Callable[[str], str]) -> str:
-    return new_db_url(backend)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    opened = open_store(db_url, pool_size=4)
-    yield opened
-    opened.close()
-
-
-def new_domain(store: Store) -> str:
-    domain = f"d{secrets.token_hex(4)}.test"
-    store.domain_add(domain)
-    return domain
 
 
 def new_account(store: Store, domain: str | None = None) -> tuple[str, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import secrets
 import string
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,27 +21,12 @@ from mailsuite.store import (
     new_queue_id,
     open_store,
 )
+from tests.store.conftest import new_domain
 
 HASH = "$2b$04$" + "x" * 53  # the store does not look inside; nobody logs in here
 RSA, ED25519 = dkim.RSA_SHA256, dkim.ED25519_SHA256
 
 
-@pytest.fixture
-def db_url(backend: str, new_db_url: Callable[[str], str]) -> str:
-    return new_db_url(backend)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    opened = open_store(db_url, pool_size=4)
-    yield opened
-    opened.close()
-
-
-def new_domain(store: Store) -> str:
-    domain = f"d{secrets.token_hex(4)}.test"
-    store.domain_add(domain)
-    return domain
 
 
 def new_account(store: Store, domain: str, local: str | None = None) -> tuple[str, int]:

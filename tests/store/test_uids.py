@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
@@ -19,17 +17,6 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "mailsuite" / "store" / "migr
 TABLES = {"domains", "accounts", "mailboxes", "blobs", "messages", "aliases", "events"}
 HASH = "$2b$04$" + "x" * 53  # the store does not look inside; tests here never log in
 
-
-@pytest.fixture
-def db_url(backend: str, new_db_url: Callable[[str], str]) -> str:
-    return new_db_url(backend)
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    opened = open_store(db_url, pool_size=8)
-    yield opened
-    opened.close()
 
 
 def head_revision() -> str:
