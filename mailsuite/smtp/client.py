@@ -29,8 +29,11 @@ class SMTPReply:
 
     @property
     def text(self) -> str:
-        """The reply as one line, e.g. "550 5.1.1 <a@b>: no such user"."""
-        return f"{self.code} " + " ".join(line.strip() for line in self.lines).strip()
+        """The reply as one line, e.g. "550 5.1.1 <a@b>: no such user"; control characters
+        and anything past 500 characters of a remote's text never reach logs or DSNs."""
+        joined = " ".join(line.strip() for line in self.lines).strip()
+        clean = "".join(c if c.isprintable() else "?" for c in joined)
+        return f"{self.code} {clean[:500]}"
 
     @property
     def status(self) -> str:
@@ -74,6 +77,8 @@ class SMTPClientProtocol(LineOnlyReceiver):
         self._timer: Any = None
 
     def lineReceived(self, line: bytes) -> None:
+        if self._lost is not None:
+            return  # aborted: what follows in the same segment must not answer anything
         text = line.decode("utf-8", "replace")
         if len(text) < 3 or not text[:3].isdigit() or text[3:4] not in ("", " ", "-"):
             self._fail(SessionError(f"malformed reply from server: {text[:80]!r}", "4.5.0"))
@@ -89,13 +94,17 @@ class SMTPClientProtocol(LineOnlyReceiver):
         if self._waiting:
             self._waiting.popleft().callback(reply)
             self._arm()
-        else:
+        elif len(self._replies) < MAX_REPLY_LINES:
             self._replies.append(reply)
+        else:
+            self._fail(SessionError("server sends replies nobody asked for", "4.5.0"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(SessionError("reply line too long", "4.5.0"))
 
-    def read_reply(self) -> defer.Deferred:
+    def read_reply(self, timeout: float | None = None) -> defer.Deferred:
+        if timeout is not None:
+            self.timeout = timeout
         if self._replies:
             return defer.succeed(self._replies.popleft())
         if self._lost is not None:
@@ -179,6 +188,8 @@ async def open_session(reactor: Any, host: str, port: int, peer: str, helo: str,
     protocol = SMTPClientProtocol(reactor, command_timeout)
     try:
         await endpoints.connectProtocol(endpoint, protocol)
+    except defer.CancelledError:
+        raise
     except Exception as exc:
         raise SessionError(f"connect to {peer}[{host}]:{port} failed: {exc}", "4.4.1") from exc
     session = Session(protocol, peer, tls=tls.mode == "implicit")
@@ -313,7 +324,11 @@ async def send_mail(session: Session, sender: str, recipients: list[str], data: 
         await _reset(protocol)
         return results
     protocol.transport.write(dot_stuff(data) + b".\r\n")
-    final = await protocol.read_reply()
+    # The timer starts while the message may still be in our send buffer: allow for a
+    # slow link (8 KiB/s) on top of the 10 minutes RFC 5321 4.5.3.2 gives the final reply.
+    command_timeout = protocol.timeout
+    final = await protocol.read_reply(max(600.0, command_timeout) + len(data) / 8192)
+    protocol.timeout = command_timeout
     results.update({rcpt: RecipientResult(final, "data") for rcpt in accepted})
     return results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -176,19 +176,28 @@ class QueueRunner(service.Service):
         try:
             while dest.pending and not self._stopping:
                 work = dest.pending.popleft()
-                if session is None:
-                    opening = defer.ensureDeferred(self._open(dest, work))
-                    self._opening.add(opening)
-                    try:
-                        session = await opening
-                    except defer.CancelledError:
-                        break  # stopping: nothing was sent; the claim is given back
-                    except (RouteError, SessionError) as exc:
-                        await self._fail_destination(dest, work, exc)
-                        break
-                    finally:
-                        self._opening.discard(opening)
-                session = await self._deliver(session, work)
+                try:
+                    if session is None:
+                        opening = defer.ensureDeferred(self._open(dest, work))
+                        self._opening.add(opening)
+                        try:
+                            session = await opening
+                        except defer.CancelledError:
+                            break  # stopping: nothing was sent; the claim is given back
+                        except (RouteError, SessionError) as exc:
+                            await self._fail_destination(dest, work, exc)
+                            break
+                        finally:
+                            self._opening.discard(opening)
+                    session = await self._deliver(session, work)
+                except Exception:
+                    # Not settled: the claim lapses and the recipients are tried again.
+                    log.failure("delivering {queue_id} failed", queue_id=work.job.queue_id)
+                    if session is not None:
+                        session.protocol.transport.abortConnection()
+                    session = None
+                finally:
+                    self._release(work)
                 sent += 1
                 if session is not None and sent >= self.delivery.max_messages_per_connection:
                     await quit_session(session)
@@ -272,9 +281,13 @@ class QueueRunner(service.Service):
             failed.append(dest.pending.popleft())
         code = 550 if exc.permanent else 451
         reply = SMTPReply(code, (f"{exc.status} {exc.text}",))
-        for item in failed:
-            await self._settle(item, {r.recipient: RecipientResult(reply, "connect")
-                                      for r in item.recipients}, "")
+        try:
+            for item in failed:
+                await self._settle(item, {r.recipient: RecipientResult(reply, "connect")
+                                          for r in item.recipients}, "")
+        finally:
+            for item in failed:
+                self._release(item)
 
     # --- outcomes ------------------------------------------------------------------------
     async def _settle(self, work: Work, results: dict[str, RecipientResult],
@@ -296,8 +309,10 @@ class QueueRunner(service.Service):
             if 200 <= reply.code < 300:
                 outcomes.append(Outcome(rcpt, "delivered", text, remote))
             elif reply.code >= 500:
-                outcomes.append(Outcome(rcpt, "bounced", text, remote,
-                                        suppress=result.stage == "rcpt"))
+                # Only "no such address" answers (5.1.x) at RCPT suppress: a 554 5.7.1 for
+                # our IP on a blocklist says nothing about the address.
+                outcomes.append(Outcome(rcpt, "bounced", text, remote, suppress=(
+                    result.stage == "rcpt" and reply.status.startswith("5.1."))))
             elif now >= expires:
                 outcomes.append(Outcome(rcpt, "expired", text, remote))
             else:
@@ -307,10 +322,18 @@ class QueueRunner(service.Service):
         failed = [out for out in outcomes if out.state in ("bounced", "expired")]
         bounce = None
         if failed and job.return_to:
-            bounce = await threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._bounce, job, failed, now)
+            try:
+                bounce = await threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), self._bounce, job, failed, now)
+            except Exception:
+                log.failure("building the DSN for {queue_id} failed", queue_id=job.queue_id)
+                # Tried again later, notice and all; the other outcomes stand.
+                outcomes = [replace(out, state="deferred", suppress=False,
+                                    next_attempt_at=now + self._backoff(out.recipient.attempts))
+                            if out in failed else out for out in outcomes]
         try:
-            await self._settlements.submit(Settlement(job, tuple(outcomes), now, bounce))
+            await self._settlements.submit(
+                Settlement(job, tuple(outcomes), now, bounce, holder=self.holder))
         except Exception:
             # The claim runs out and the recipients are tried again: a duplicate at worst.
             log.failure("recording delivery results for {queue_id} failed",
@@ -401,10 +424,12 @@ def _temporary(exc: SessionError) -> RecipientResult:
 
 
 def _status(reply_text: str) -> str:
+    """The enhanced status in "550 5.1.1 ..." when its class agrees with the code."""
     parts = reply_text.split()
-    if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2:
+    klass = reply_text[:1] if reply_text[:1] in "245" else "5"
+    if len(parts) > 1 and parts[1][:1] == klass and parts[1].count(".") == 2:
         return parts[1]
-    return f"{reply_text[:1] or '5'}.0.0"
+    return f"{klass}.0.0"
 
 
 def _load_trust(path: str) -> Any:

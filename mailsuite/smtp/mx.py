@@ -108,23 +108,35 @@ class MXServer(ESMTPServer):
         d.addCallback(self._resolved, address)
         return d
 
-    def _resolved(self, resolution: Resolution, address: Address) -> tuple[Reply, Any]:
+    def _resolved(self, resolution: Resolution, address: Address) -> Any:
         self.context.remember_recipient(address.normal, resolution)
         if resolution.kind == "foreign":
             return self._relay_denied(address)
-        if resolution.kind != "foreign" and SRS.is_srs(address.local):
-            # A reply or bounce to an address we rewrote when forwarding (SRS); checked
-            # before aliases, or a catch-all would swallow every returning bounce.
+        txn = self.transaction
+        if SRS.is_srs(address.local) and txn is not None and txn.sender is None:
+            # A bounce to an address we rewrote when forwarding (SRS); checked before
+            # aliases, or a catch-all would swallow it. Only bounces (null sender) go back:
+            # anything else would make a guessed hash an open relay.
             try:
-                original = self.context.srs.reverse(address.normal)
+                original = self.context.srs.reverse(str(address))
             except SRSError:
-                pass
+                self._junk += 1  # guessing hashes costs the session its junk allowance
             else:
-                return Reply(250, "2.1.5", "Ok"), Resolution("external", (), (original,))
+                d = self.context.store.resolve(original.lower())
+                d.addCallback(self._srs_resolved, original)
+                return d
         if resolution.kind == "unknown":
             self._reject_event("unknown recipient", address)
             return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: "
                                        "user unknown"), None
+        return Reply(250, "2.1.5", "Ok"), resolution
+
+    def _srs_resolved(self, resolution: Resolution, original: str) -> tuple[Reply, Any]:
+        if resolution.kind == "foreign":
+            resolution = Resolution("external", (), (original,))
+        elif resolution.kind == "unknown":
+            return Reply(550, "5.1.1", f"<{original}>: the original sender no longer "
+                                       "exists"), None
         return Reply(250, "2.1.5", "Ok"), resolution
 
     def _relay_denied(self, address: Address) -> tuple[Reply, None]:

@@ -99,6 +99,9 @@ class ESMTPServer(SerialLineProtocol):
         self.tls = False
         self.peer_ip = ""
         self.transaction: Transaction | None = None
+        # RFC 2920: a client pipelines RCPTs and DATA behind a MAIL it cannot know will be
+        # refused; their 503s are not its fault (up to a transaction's worth of them).
+        self._excused = 0
         self.session_log = SessionLog()
         self._started = time.monotonic()
         self._greeting_call: Any = None
@@ -288,6 +291,7 @@ class ESMTPServer(SerialLineProtocol):
         return None
 
     def smtp_MAIL(self, argument: str) -> Reply | defer.Deferred | None:
+        self._excused = self.limits.max_recipients + 1  # until this MAIL is accepted
         if self.helo is None:
             return self._junk_and(Reply(503, "5.5.1", "Error: send HELO/EHLO first"))
         if self.transaction is not None:
@@ -327,12 +331,20 @@ class ESMTPServer(SerialLineProtocol):
     def _sender_checked(self, reply: Reply, txn: Transaction) -> Reply:
         if reply.ok:
             self.transaction = txn
+            self._excused = 0
         return reply
+
+    def _no_transaction(self) -> Reply | None:
+        reply = Reply(503, "5.5.1", "Error: need MAIL command")
+        if self._excused > 0:
+            self._excused -= 1
+            return reply
+        return self._junk_and(reply)
 
     def smtp_RCPT(self, argument: str) -> Reply | defer.Deferred | None:
         txn = self.transaction
         if txn is None:
-            return self._junk_and(Reply(503, "5.5.1", "Error: need MAIL command"))
+            return self._no_transaction()
         if not argument.upper().startswith("TO:"):
             return self._junk_and(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"))
         path, params = _split_path(argument[3:])
@@ -361,7 +373,7 @@ class ESMTPServer(SerialLineProtocol):
     def smtp_DATA(self, argument: str) -> Reply | None:
         txn = self.transaction
         if txn is None:
-            return self._junk_and(Reply(503, "5.5.1", "Error: need MAIL command"))
+            return self._no_transaction()
         if not txn.recipients:
             return self._junk_and(Reply(554, "5.5.1", "Error: no valid recipients"))
         if argument:

@@ -13,7 +13,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.parser import HeaderParser
 from typing import Any
 
 import dkim as dkimpy
@@ -23,7 +22,7 @@ from twisted.logger import Logger
 from mailsuite.addresses import Address
 from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
 from mailsuite.config import Config
-from mailsuite.mime import count_fields, has_field, split_message
+from mailsuite.mime import count_fields, has_field, header_fields, split_message
 from mailsuite.smtp import dkim
 from mailsuite.smtp.server import (
     ESMTPServer,
@@ -129,6 +128,12 @@ class SubmissionServer(ESMTPServer):
         if self._may_authenticate and self.account is None:
             exts.append("AUTH PLAIN LOGIN")
         return exts
+
+    def smtp_STARTTLS(self, argument: str) -> Reply | None:
+        reply = super().smtp_STARTTLS(argument)
+        if self.tls:
+            self.account = self.identities = None  # RFC 3207 4.2: start again from nothing
+        return reply
 
     # --- AUTH (RFC 4954) -----------------------------------------------------------------
     def line_received(self, line: bytes) -> defer.Deferred | None:
@@ -257,8 +262,12 @@ class SubmissionServer(ESMTPServer):
         """In a thread: check From:, complete the header, sign, and split by destination."""
         assert self.identities is not None and self.account is not None
         header, _ = split_message(raw)
-        parsed = HeaderParser().parsestr(header.decode("utf-8", "replace"))
-        senders = [address for _, address in email.utils.getaddresses(parsed.get_all("From", []))]
+        # Read the way receivers read it: "From :" (RFC 5322 4.5 obsolete syntax) counts.
+        fields = [f.value for f in header_fields(header) if f.name.strip().lower() == "from"]
+        if len(fields) > 1:
+            return Reply(550, "5.6.0", "Message refused: more than one From: header "
+                                       "(RFC 5322 3.6)")
+        senders = [address for _, address in email.utils.getaddresses(fields)]
         if not senders or not all("@" in a for a in senders):
             return Reply(550, "5.6.0", "Message refused: it needs a From: header with an "
                                        "address (RFC 5322 3.6.2)")

@@ -96,6 +96,7 @@ class Settlement:
     outcomes: tuple[Outcome, ...]
     now: datetime
     bounce: bytes | None = None
+    holder: str | None = None  # set: only recipients this holder still claims are settled
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class QueueMixin:
             insert(o).returning(o.c.id, sort_by_parameter_order=True),
             [{"queue_id": item.queue_id, "created_at": now, "account_id": ob.account_id,
               "kind": ob.kind, "sender": ob.sender, "return_to": ob.return_to,
-              "smtputf8": ob.smtputf8, "eightbit": any(b > 127 for b in ob.raw),
+              "smtputf8": ob.smtputf8, "eightbit": not ob.raw.isascii(),
               "size": len(ob.raw), "data": ob.raw}
              for item in queued for ob in [item.outbound]]).scalars().all()
         rows, events = [], []
@@ -215,15 +216,22 @@ class QueueMixin:
         events = []
         for item in settlements:
             job, now = item.job, item.now
+            final = False
             for outcome in item.outcomes:
-                rid = outcome.recipient.id
+                # An operator deleted it, or (after a lapsed claim) another worker has it.
+                mine = r.c.id == outcome.recipient.id
+                if item.holder is not None:
+                    mine = and_(mine, r.c.claimed_by == item.holder)
                 if outcome.state == "deferred":
-                    conn.execute(update(r).where(r.c.id == rid).values(
+                    done = conn.execute(update(r).where(mine).values(
                         state="deferred", attempts=r.c.attempts + 1,
                         next_attempt_at=outcome.next_attempt_at, last_attempt_at=now,
-                        last_reply=outcome.reply, claimed_by=None, claimed_until=None))
+                        last_reply=outcome.reply, claimed_by=None, claimed_until=None)).rowcount
                 else:
-                    conn.execute(delete(r).where(r.c.id == rid))
+                    done = conn.execute(delete(r).where(mine)).rowcount
+                    final = final or (done > 0 and outcome.state != "delivered")
+                if not done:
+                    continue
                 detail = {"queue_id": job.queue_id, "recipient": outcome.recipient.recipient,
                           "reply": outcome.reply, "remote": outcome.remote,
                           "attempt": outcome.recipient.attempts + 1}
@@ -232,7 +240,7 @@ class QueueMixin:
                 events.append(_event(now, outcome.state, job.account_id, detail))
                 if outcome.suppress and self._suppress(conn, outcome, now):
                     events.append(_event(now, "suppressed", job.account_id, detail))
-            if item.bounce is not None and job.return_to:
+            if item.bounce is not None and job.return_to and final:
                 self._route_bounce(conn, job, item.bounce)
         # The message leaves with its last recipient. Its row is locked first (in id order,
         # so two processes never deadlock) so that two processes settling its last two
@@ -267,7 +275,8 @@ class QueueMixin:
         targets = resolution.external if resolution.kind != "foreign" else (job.return_to,)
         if targets:
             outbound = Outbound(sender="", recipients=tuple(targets), raw=bounce,
-                                account_id=job.account_id, kind="bounce", detail=detail)
+                                account_id=job.account_id, kind="bounce", detail=detail,
+                                smtputf8=not all(a.isascii() for a in targets))
         if delivery or outbound:
             self._submit_all(conn, [Submission(new_queue_id(), delivery, outbound)])
 

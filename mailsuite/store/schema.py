@@ -189,7 +189,7 @@ outbound = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("account_id", Id, ForeignKey("accounts.id", ondelete="SET NULL"), nullable=True),
     Column("kind", String(16), nullable=False),  # submission, forward, bounce
-    Column("sender", String(320), nullable=False),  # MAIL FROM on the wire; "" for a bounce
+    Column("sender", String(1000), nullable=False),  # MAIL FROM on the wire; SRS makes it long
     Column("return_to", String(320), nullable=False),  # where a DSN goes; "" for nobody
     Column("smtputf8", Boolean, nullable=False),
     Column("eightbit", Boolean, nullable=False),

@@ -123,3 +123,13 @@ def test_tampered_srs_address_is_refused_at_rcpt_with_550(fwd: Forwarding) -> No
             code, text = smtp.rcpt(forged)
             assert code == 550, (forged, code, text)
             smtp.rset()
+
+
+def test_only_a_bounce_may_use_an_srs_address_anything_else_gets_550(fwd: Forwarding) -> None:
+    """A valid SRS address with a real sender would make every guessed hash a relay."""
+    _, _, _, _, forwarded = forward_one(fwd)
+    with smtplib.SMTP(*fwd.server.mx, local_hostname="client.test", timeout=30) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("someone@spf-pass.test")[0] == 250
+        code, _ = smtp.rcpt(forwarded.mail_from)
+        assert code == 550

@@ -85,3 +85,23 @@ def test_per_recipient_replies_deliver_defer_and_bounce_within_one_transaction(
     assert [r for r, _ in sink.rcpt_log].count(reject) == 1
     assert len(events_for(server, "delivered", ok)) == 1
     assert len([m for m in server.inbox(sender) if b"multipart/report" in m]) == 1  # no more DSNs
+
+
+def test_a_policy_refusal_at_rcpt_bounces_but_does_not_suppress_the_address(
+        servers: Servers) -> None:
+    """554 5.7.1 (say, our address on a blocklist) says nothing about the mailbox: only
+    5.1.x answers put an address on the suppression list."""
+    domain = "policy.replies.test"
+    servers.dns.add(routed(domain, "127.0.0.21"))
+    port = free_port_on(["127.0.0.21"])
+    servers.sink("127.0.0.21", port, rcpt_reply=lambda address: (554, "5.7.1 you are listed"))
+    server = servers.mailsuite(delivery_overrides(port))
+    sender = server.new_account()
+    target = f"someone@{domain}"
+    raw, _ = message(sender, [target], "blocked")
+    assert submit(server, sender, [target], raw) == {}
+    assert wait_event(server, "bounced", target).detail["reply"] == "554 5.7.1 you are listed"
+    _, block = wait_dsn(server, sender, target)
+    assert block["status"] == "5.7.1"
+    assert target not in {address for address, _, _ in server.store.suppression_list()}
+    assert not events_for(server, "suppressed", target)

@@ -517,3 +517,36 @@ def test_pipelined_mail_rcpt_data_get_their_replies_in_order(plain_server: Mails
     [stored] = plain_server.inbox(rcpt)
     assert f" with ESMTPA id {queue_id(text)}".encode() in stored
     assert stored.endswith(b"\r\n\r\npipelined\r\n")
+
+
+def test_a_second_from_in_obsolete_syntax_is_refused_not_overlooked(mailsuite: Mailsuite) -> None:
+    """RFC 5322 4.5 lets receivers read "From :" as From: a forged second one must not pass
+    the sender check hidden behind the account's own."""
+    user = mailsuite.new_account()
+    victim = mailsuite.new_account()
+    before = len(mailsuite.inbox(victim))
+    raw = (f"From: {user}\r\nFrom : <{victim}>\r\nTo: {victim}\r\nSubject: x\r\n\r\n"
+           "body\r\n").encode()
+    with smtp(mailsuite, user=user) as client, pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail(user, [victim], raw)
+    assert refused.value.smtp_code == 550
+    assert b"5.6.0" in refused.value.smtp_error
+    assert len(mailsuite.inbox(victim)) == before
+
+
+def test_rcpts_pipelined_behind_a_refused_mail_get_503_without_ending_the_session(
+        plain_server: Mailsuite) -> None:
+    """RFC 2920: the client could not know MAIL would fail; its RCPTs are not junk."""
+    user = plain_server.new_account()
+    other = plain_server.new_account()
+    client = RawSMTP(plain_server.submission)
+    assert client.greeting()[0] == 220
+    assert client.cmd("EHLO client.test")[0] == 250
+    token = base64.b64encode(f"\0{user}\0{PASSWORD}".encode()).decode()
+    assert client.cmd(f"AUTH PLAIN {token}")[0] == 235
+    rcpts = "".join(f"RCPT TO:<r{i}@{REMOTE_DOMAIN}>\r\n" for i in range(30))
+    client.send(f"MAIL FROM:<{other}>\r\n{rcpts}DATA\r\n".encode())
+    assert client.reply()[0] == 553
+    assert [client.reply()[0] for _ in range(31)] == [503] * 31
+    assert client.cmd("NOOP")[0] == 250  # still talking to us
+    client.close()

@@ -53,7 +53,7 @@ def upgrade() -> None:
         sa.Column("account_id", Id, sa.ForeignKey("accounts.id", ondelete="SET NULL"),
                   nullable=True),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("sender", sa.String(320), nullable=False),
+        sa.Column("sender", sa.String(1000), nullable=False),
         sa.Column("return_to", sa.String(320), nullable=False),
         sa.Column("smtputf8", sa.Boolean, nullable=False),
         sa.Column("eightbit", sa.Boolean, nullable=False),
