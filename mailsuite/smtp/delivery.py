@@ -127,11 +127,11 @@ class QueueRunner(service.Service):
             return
         self._claiming = True
         d = self.store.queue_claim(self.holder, self.now(), room, self.delivery.claim_timeout)
-        d.addCallback(self._claimed, room)
+        d.addCallback(self._claimed)
         d.addErrback(lambda f: log.failure("claiming queued mail failed", failure=f) or 0)
         d.addBoth(self._claim_done)
 
-    def _claimed(self, jobs: list[Job], room: int) -> int:
+    def _claimed(self, jobs: list[Job]) -> int:
         count = 0
         for job in jobs:
             count += len(job.recipients)
@@ -178,7 +178,7 @@ class QueueRunner(service.Service):
                 work = dest.pending.popleft()
                 try:
                     if session is None:
-                        opening = defer.ensureDeferred(self._open(dest, work))
+                        opening = defer.ensureDeferred(self._open(dest))
                         self._opening.add(opening)
                         try:
                             session = await opening
@@ -218,7 +218,6 @@ class QueueRunner(service.Service):
         if data is None:
             data = await self.store.queue_data(work.job.outbound_id)
         if data is None:
-            self._release(work)
             return session  # deleted by an operator meanwhile
         addresses = [rcpt.recipient for rcpt in work.recipients]
         try:
@@ -231,7 +230,7 @@ class QueueRunner(service.Service):
         await self._settle(work, results, session.peer)
         return session
 
-    async def _open(self, dest: Destination, work: Work) -> Session:
+    async def _open(self, dest: Destination) -> Session:
         relay = self.config.relay
         timeouts = (self.delivery.connect_timeout, self.delivery.command_timeout)
         if dest.key == RELAY:
