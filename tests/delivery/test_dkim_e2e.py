@@ -105,6 +105,32 @@ def test_signed_8bit_message_with_leading_dots_verifies_at_the_receiver(wire: Wi
     assert dkim.verify(tampered, dnsfunc=dns_for(key)) is False
 
 
+def test_a_domain_with_rsa_and_ed25519_keys_sends_two_signatures_that_both_verify(
+        wire: Wire) -> None:
+    """RFC 8463: Ed25519 as a second signature beside RSA, for receivers that know it."""
+    domain = wire.server.new_domain()
+    keys = [generate_key(domain), generate_key(domain, "ed25519-sha256")]
+    for key in keys:
+        wire.server.store.dkim_key_add(domain, key.selector, key.algorithm, key.private_key)
+    sender = wire.server.new_account(domain)
+    rcpt = f"r{token()}@wire.dkim.test"
+    raw, _ = message(sender, [rcpt], "two signatures", body=BODY)
+    assert submit(wire.server, sender, [rcpt], raw, mail_options=["BODY=8BITMIME"]) == {}
+    received = wait_received(wire.full, rcpt)
+
+    records = {f"{k.selector}._domainkey.{k.domain}": public_record(k) for k in keys}
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        record = records.get(name.decode("ascii").rstrip(".").lower())
+        return record.encode("ascii") if record else None
+
+    signatures = received.message.get_all("DKIM-Signature")
+    assert len(signatures) == 2
+    assert ["a=rsa-sha256" in s.replace(" ", "") for s in signatures] == [True, False]
+    verifier = dkim.DKIM(received.data)
+    assert [verifier.verify(idx=i, dnsfunc=dnsfunc) for i in range(2)] == [True, True]
+
+
 def test_8bit_message_to_a_server_without_8bitmime_bounces_with_5_6_3(wire: Wire) -> None:
     sender, _ = signing_sender(wire.server)
     eight, seven = f"e{token()}@seven.dkim.test", f"s{token()}@seven.dkim.test"
