@@ -52,25 +52,36 @@ class Mailsuite:
         self.workdir = workdir
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
-        self.ports = dict(ports) if ports else {
-            name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps", "submission",
-                                         "submissions")}
-        sections: dict[str, dict[str, Any]] = {
-            "server": {"hostname": TEST_HOSTNAME, "data_dir": str(workdir / "var")},
-            "database": {"url": db_url, "pool_size": 4},
-            "listen": {name: f"tcp:{port}:interface=127.0.0.1"
-                       for name, port in self.ports.items()},
-            "dns": {"resolver": dns_address, "timeout": 1.0},
-            "smtp": {"greeting_delay": 0.05},
-            "auth": {"bcrypt_rounds": 4},
-        }
-        for section, values in (overrides or {}).items():
-            sections.setdefault(section, {}).update(values)
+        # Ports picked here are free now but may be taken before the server binds them (other
+        # test servers, sinks, benchmarks on this machine): start() then picks new ones.
+        self._own_ports = not ports
+        self.ports = dict(ports) if ports else self._free_ports()
+        self._dns_address = dns_address
+        self._overrides = overrides or {}
         self.config_path = workdir / "mailsuite.toml"
-        write_config(self.config_path, sections)
+        self._write_config()
         self.log_path = workdir / "twistd.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._store: Store | None = None
+
+    @staticmethod
+    def _free_ports() -> dict[str, int]:
+        return {name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps",
+                                               "submission", "submissions")}
+
+    def _write_config(self) -> None:
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"hostname": TEST_HOSTNAME, "data_dir": str(self.workdir / "var")},
+            "database": {"url": self.db_url, "pool_size": 4},
+            "listen": {name: f"tcp:{port}:interface=127.0.0.1"
+                       for name, port in self.ports.items()},
+            "dns": {"resolver": self._dns_address, "timeout": 1.0},
+            "smtp": {"greeting_delay": 0.05},
+            "auth": {"bcrypt_rounds": 4},
+        }
+        for section, values in self._overrides.items():
+            sections.setdefault(section, {}).update(values)
+        write_config(self.config_path, sections)
 
     @property
     def mx(self) -> tuple[str, int]:
@@ -112,7 +123,7 @@ class Mailsuite:
         return [twistd, "-n", "--pidfile=", "--logfile",
                 str(self.log_path), "mailsuite", "--config", str(self.config_path)]
 
-    def start(self, timeout: float = 30.0) -> Mailsuite:
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> Mailsuite:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # A restart appends to the same log: only what this run writes counts.
         offset = len(self._read("twistd.log"))
@@ -123,6 +134,11 @@ class Mailsuite:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                log = self._read("twistd.log")[offset:]
+                if self._own_ports and "CannotListenError" in log and attempts > 1:
+                    self.ports = self._free_ports()  # someone took one meanwhile: new ones
+                    self._write_config()
+                    return self.start(timeout, attempts - 1)
                 raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n"
                                    f"{self.log()}")
             if "mailsuite ready:" in self._read("twistd.log")[offset:]:

@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python scripts/bench/queue_load.py --backend postgresql
     .venv/bin/python scripts/bench/queue_load.py --backend sqlite --messages 200
     .venv/bin/python scripts/bench/queue_load.py --backend both --connections 20 --per-domain 5
+    .venv/bin/python scripts/bench/queue_load.py --backend postgresql --processes 2
 
 What it does, per backend:
 
@@ -20,7 +21,11 @@ What it does, per backend:
   ``mailsuite_bench_<hex>`` created through ``--pg-url`` and dropped afterwards) with
   greeting_delay 0, ``[auth] allow_plaintext = true`` (the clients AUTH PLAIN over plain TCP
   on loopback), and ``[delivery] port`` = the sinks' port, ``poll_interval = 0.2``,
-  ``max_connections_per_domain = --per-domain``;
+  ``max_connections_per_domain = --per-domain``; with ``--processes P`` > 1 (PostgreSQL
+  only), P such processes with ``[server] reuse_port`` on the same ports, each with its own
+  work directory and log: every one accepts submissions (the kernel spreads the connections
+  across them) and delivers from the shared queue (FOR UPDATE SKIP LOCKED claims), so
+  ``max_connections_per_domain`` holds per process;
 * creates one domain with a DKIM key (so every message is signed as real mail is) and one
   account in it;
 * runs ``--connections`` client processes, each with one smtplib connection to the
@@ -29,23 +34,26 @@ What it does, per backend:
   its own Message-ID and ``X-Bench-Seq`` header;
 * waits until the sinks have accepted every recipient (``--messages`` x 3), checks that each
   domain got each message exactly once, DKIM-signed, verifies one sample's signature, and
-  that the queue is empty (``Store.queue_size() == 0``) and the log reports every recipient
-  delivered;
+  that the queue is empty (``Store.queue_size() == 0``) and the logs (of every server
+  process, rotated files included) report every recipient delivered;
 * prints the submission rate (messages/s from the first MAIL to the last 250) and its
   p50/p99 latency (MAIL FROM sent -> 250 after end-of-data, smtplib's sendmail), the time
   from the first submission until the sinks held every recipient and the delivery rate
   (recipients/s over that time), the delivery connections the sinks saw, CPU used by the
-  server, PostgreSQL, the sinks and the clients, and the server's peak RSS (VmHWM).
+  server (summed over its processes), PostgreSQL, the sinks and the clients, and the
+  server's peak RSS (VmHWM; with several processes the largest, and each one's), and with
+  several processes how many recipients each one delivered (from its log).
 
 Options: ``--backend sqlite|postgresql|both`` (default both), ``--messages`` (5000),
 ``--connections`` (10), ``--size`` (4096), ``--per-domain`` ([delivery]
-max_connections_per_domain, 10), ``--no-dkim`` (no key for the sender domain, so nothing is
-signed: the queue without the cost of signing), ``--timeout`` (give up when no recipient
-has been delivered for that many seconds, 120), ``--pg-url`` (default $MAILSUITE_TEST_PG_URL
-or postgresql://postgres@127.0.0.1:5432/postgres).
+max_connections_per_domain, per process, 10), ``--processes`` (server processes sharing
+the ports and the queue, PostgreSQL only, 1), ``--no-dkim`` (no key for the sender domain,
+so nothing is signed: the queue without the cost of signing), ``--timeout`` (give up when
+no recipient has been delivered for that many seconds, 120), ``--pg-url`` (default
+$MAILSUITE_TEST_PG_URL or postgresql://postgres@127.0.0.1:5432/postgres).
 
-Everything started here (server, DNS server, sinks, client processes, the PostgreSQL
-database, the temporary directory) is torn down on exit, Ctrl-C or SIGTERM included.
+Everything started here (server processes, DNS server, sinks, client processes, the
+PostgreSQL database, the temporary directory) is torn down on exit, Ctrl-C or SIGTERM included.
 """
 
 from __future__ import annotations
@@ -460,8 +468,10 @@ class CPUSample:
         return (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
 
 
-def wait_for_delivery(server: Mailsuite, sinks: Sinks, wanted: int, stall: float) -> None:
+def wait_for_delivery(servers: list[Mailsuite], sinks: Sinks, wanted: int,
+                      stall: float) -> None:
     """Until the sinks have accepted `wanted` recipients; raises if delivery stalls."""
+    server = servers[0]
     last_count, last_progress = -1, time.monotonic()
     while True:
         count = sinks.total(RCPTS)
@@ -473,8 +483,10 @@ def wait_for_delivery(server: Mailsuite, sinks: Sinks, wanted: int, stall: float
         elif now - last_progress > stall:
             raise RuntimeError(f"delivery stalled: the sinks hold {count}/{wanted} recipients "
                                f"and none came in {stall:.0f} s; {queue_report(server)}")
-        if server.process is None or server.process.poll() is not None:
-            raise RuntimeError("the server exited during delivery")
+        for index, each in enumerate(servers):
+            if each.process is None or each.process.poll() is not None:
+                raise RuntimeError("the server exited during delivery" if len(servers) == 1
+                                   else f"server process {index} exited during delivery")
         sinks.check_alive()
         time.sleep(0.01)
 
@@ -519,18 +531,26 @@ def server_log_lines(server: Mailsuite) -> Iterator[str]:
                 yield from lines
 
 
-def log_outcomes(server: Mailsuite) -> tuple[dict[str, int], list[str]]:
-    """(delivery outcomes by state, problem lines) from the server's log."""
+def log_outcomes(servers: list[Mailsuite]) -> tuple[dict[str, int], list[str], list[int]]:
+    """(delivery outcomes by state, problem lines, recipients each process delivered) from
+    the logs of every server process; problem lines name their process when there are
+    several."""
     states: dict[str, int] = {}
     problems = []
-    for line in server_log_lines(server):
-        if "delivery " in line and " status=" in line:
-            state = line.split(" status=", 1)[1].split(" ", 1)[0]
-            states[state] = states.get(state, 0) + 1
-        if ("#critical]" in line or "#error]" in line or "Traceback" in line
-                or "Unhandled" in line or "SERVERBUG" in line):
-            problems.append(line.rstrip("\n"))
-    return states, problems
+    delivered = []
+    for index, server in enumerate(servers):
+        prefix = f"[process {index}] " if len(servers) > 1 else ""
+        mine = 0
+        for line in server_log_lines(server):
+            if "delivery " in line and " status=" in line:
+                state = line.split(" status=", 1)[1].split(" ", 1)[0]
+                states[state] = states.get(state, 0) + 1
+                mine += state == "delivered"
+            if ("#critical]" in line or "#error]" in line or "Traceback" in line
+                    or "Unhandled" in line or "SERVERBUG" in line):
+                problems.append(prefix + line.rstrip("\n"))
+        delivered.append(mine)
+    return states, problems, delivered
 
 
 def verify_sample(samples: list[bytes], key: dkim.DKIMKey) -> str:
@@ -577,7 +597,10 @@ class Result:
     sink_cpu: float | None
     client_cpu: float
     host_busy: float | None
-    peak_rss_kib: int | None
+    peak_rss_kib: int | None  # the largest over the server processes
+    processes: int
+    delivered_per_process: list[int]  # recipients with status=delivered in each one's log
+    peak_rss_per_process: list[int | None]
 
     @property
     def rate(self) -> float:
@@ -601,6 +624,13 @@ class Result:
             ("backend", self.backend),
             ("connections", f"{self.connections} (AUTH PLAIN over plain TCP on loopback, "
                             "[auth] allow_plaintext = true)"),
+        ]
+        several = self.processes > 1
+        if several:
+            rows.append(("server processes",
+                         f"{self.processes} ([server] reuse_port on the same ports, one "
+                         "queue; CPU and RSS below cover all of them)"))
+        rows += [
             ("messages", f"{self.messages} x {len(REMOTES)} recipients on "
                          f"{len(REMOTES)} remote domains = {wanted} recipients"),
             ("size", f"{self.size} bytes requested, {self.submitted_size} submitted, "
@@ -622,15 +652,25 @@ class Result:
                               "the last)"),
             ("delivery rate", f"{self.delivery_rate:.1f} recipients/s"),
             ("queue afterwards", f"{self.queue_left} recipients (Store.queue_size())"),
-            ("server log", f"{states}; {len(self.log_problems)} error lines" + (
-                "" if not self.log_problems else
-                "\n    " + "\n    ".join(self.log_problems[:10]))),
+            ("server logs" if several else "server log",
+             f"{states}; {len(self.log_problems)} error lines" + (
+                 "" if not self.log_problems else
+                 "\n    " + "\n    ".join(self.log_problems[:10]))),
+        ]
+        if several:
+            rows.append(("delivered per process",
+                         ", ".join(f"{n} ({100 * n / wanted:.0f}%)"
+                                   for n in self.delivered_per_process)
+                         + " recipients (status=delivered in each one's log)"))
+        limit = (f"limit {self.per_domain} per process, {self.processes * self.per_domain} "
+                 f"in all" if several else f"limit {self.per_domain}")
+        rows += [
             ("delivery connections",
              f"{sum(self.sink_connections)} ("
              + ", ".join(f"{domain} {n}" for (domain, _, _), n
                          in zip(REMOTES, self.sink_connections, strict=True))
              + f"); at most {max(self.sink_peaks)} at once per domain, "
-               f"limit {self.per_domain}; plaintext (no STARTTLS offered)"),
+               f"{limit}; plaintext (no STARTTLS offered)"),
             ("server CPU, submission", cpu(self.server_cpu_submit, self.submit_elapsed)),
             ("server CPU, until delivered", cpu(self.server_cpu, self.cpu_span)),
             ("server CPU/msg", f"{1000 * self.server_cpu / self.messages:.2f} ms"
@@ -647,19 +687,35 @@ class Result:
             rows.append(("host CPU busy", f"{100 * self.host_busy:.0f}% of {cores} cores "
                                           "until delivered"))
         rss = f"{self.peak_rss_kib / 1024:.1f} MiB (VmHWM)" if self.peak_rss_kib else "n/a"
+        if several and self.peak_rss_kib:
+            rss = (f"{self.peak_rss_kib / 1024:.1f} MiB (VmHWM, the largest); per process "
+                   + ", ".join(f"{kib / 1024:.1f}" if kib else "n/a"
+                               for kib in self.peak_rss_per_process) + " MiB")
         rows.append(("server peak RSS", rss))
         return common.format_block(f"mailsuite queue load: {self.backend}", rows)
 
 
 def server_overrides(args: argparse.Namespace, sink_port: int) -> dict[str, dict[str, Any]]:
     # No greeting delay and a per-IP cap above --connections: neither is what is measured.
-    return {
+    overrides: dict[str, dict[str, Any]] = {
         "smtp": {"greeting_delay": 0.0,
                  "max_connections_per_ip": max(20, args.connections + 10)},
         "auth": {"allow_plaintext": True},
         "delivery": {"port": sink_port, "poll_interval": 0.2,
                      "max_connections_per_domain": args.per_domain},
     }
+    if args.processes > 1:
+        overrides["server"] = {"reuse_port": True}  # every process on the same ports
+    return overrides
+
+
+def show_other_logs(others: list[Mailsuite]) -> None:
+    """The end of each further server process's log, after a failure."""
+    for other in others:
+        for path in (other.workdir / "twistd.log", other.workdir / "stderr.log"):
+            if path.exists() and path.stat().st_size:
+                tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
+                print(f"--- last lines of {path}:\n" + "\n".join(tail), file=sys.stderr)
 
 
 def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
@@ -671,10 +727,25 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
         sinks = stack.enter_context(Sinks(free_port_on(SINK_ADDRESSES), args.messages))
         print(f"[{backend}] sinks on port {sinks.port} of {', '.join(SINK_ADDRESSES)}; "
               "starting server ...", flush=True)
-        server = stack.enter_context(
-            common.running_server(workdir, db_url, dns, server_overrides(args, sinks.port)))
+        overrides = server_overrides(args, sinks.port)
+        server = stack.enter_context(common.running_server(workdir, db_url, dns, overrides))
         assert server.process is not None
         pid = server.process.pid
+        servers, pids = [server], [pid]
+
+        def show_logs_on_failure(kind: type[BaseException] | None, *rest: object) -> None:
+            if kind is not None and issubclass(kind, Exception):
+                show_other_logs(servers[1:])  # run_benchmark() shows only the first one's
+
+        stack.push(show_logs_on_failure)  # runs once the other processes have stopped
+        for extra in range(1, args.processes):
+            other = Mailsuite(workdir / f"process-{extra}", db_url, dns.address, overrides,
+                              ports=server.ports)
+            stack.callback(other.stop)
+            other.start(timeout=60)  # a failed start raises with its log
+            assert other.process is not None
+            servers.append(other)
+            pids.append(other.process.pid)
         domain = server.new_domain()
         user = server.new_account(domain, PASSWORD)
         key = None
@@ -682,26 +753,28 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             key = dkim.generate_key(domain)
             server.store.dkim_key_add(domain, key.selector, key.algorithm, key.private_key)
         template = Template(user, args.size)
-        print(f"[{backend}] server pid {pid}, submission on {server.submission[0]}:"
+        pid_text = (f"server pid {pid}" if len(pids) == 1 else
+                    f"{len(pids)} server processes (pids {', '.join(map(str, pids))})")
+        print(f"[{backend}] {pid_text}, submission on {server.submission[0]}:"
               f"{server.submission[1]}; submitting {args.messages} messages over "
               f"{args.connections} connections as {user} ...", flush=True)
 
         samples: dict[str, CPUSample] = {}
 
         def on_start() -> float:
-            samples["start"] = CPUSample([pid], postgres_cpu, sinks, begin=True)
+            samples["start"] = CPUSample(pids, postgres_cpu, sinks, begin=True)
             return samples["start"].at
 
         started, finished, latencies, client_cpu = run_clients(
             server, user, template, args, on_start)
         at_submit_end = sinks.total(RCPTS)
-        submitted = CPUSample([pid], postgres_cpu, sinks)
+        submitted = CPUSample(pids, postgres_cpu, sinks)
         print(f"[{backend}] submitted in {finished - started:.2f} s; {at_submit_end}/{wanted} "
               "recipients delivered so far; waiting for the rest ...", flush=True)
-        wait_for_delivery(server, sinks, wanted, args.timeout)
+        wait_for_delivery(servers, sinks, wanted, args.timeout)
         delivered_at = sinks.last_accept()
         queue_left = wait_for_empty_queue(server)
-        done = CPUSample([pid], postgres_cpu, sinks)
+        done = CPUSample(pids, postgres_cpu, sinks)
         start = samples["start"]
         problems = sinks.per_domain_check()
         if sinks.total(RCPTS) != wanted:
@@ -712,9 +785,11 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
                             f"{common.SEQ_HEADER.decode()}")
         if queue_left:
             problems.append(f"{queue_left} recipients still queued; {queue_report(server)}")
-        log_states, log_problems = log_outcomes(server)
+        log_states, log_problems, delivered_per_process = log_outcomes(servers)
         if log_states.get("delivered", 0) != wanted:
-            problems.append(f"the server log reports {log_states or 'no'} delivery outcomes, "
+            logs = "the server log reports" if len(servers) == 1 else (
+                f"the logs of the {len(servers)} server processes report")
+            problems.append(f"{logs} {log_states or 'no'} delivery outcomes, "
                             f"expected {wanted} delivered")
         if problems:
             raise RuntimeError("; ".join(problems))
@@ -728,6 +803,7 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
         first = min(times[FIRST] for times in sinks.times)
         deliver_elapsed = delivered_at - started
         span = done.at - started  # the CPU figures run until the queue was seen empty
+        peaks = [common.proc_peak_rss_kib(p) for p in pids]
 
         return Result(
             backend=backend, connections=args.connections, messages=args.messages,
@@ -747,7 +823,9 @@ def run_backend(backend: str, args: argparse.Namespace, dns: DNSServerHandle,
             postgres_cpu=done.postgres, sink_cpu=done.sinks_since(start),
             client_cpu=client_cpu,
             host_busy=done.host_busy_since(start),
-            peak_rss_kib=common.proc_peak_rss_kib(pid),
+            peak_rss_kib=max((kib or 0) for kib in peaks) or None,
+            processes=len(servers), delivered_per_process=delivered_per_process,
+            peak_rss_per_process=peaks,
         )
 
 
@@ -762,7 +840,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=4096, metavar="BYTES",
                         help="approximate size of each submitted message (4096)")
     parser.add_argument("--per-domain", type=int, default=10, metavar="N",
-                        help="[delivery] max_connections_per_domain (10)")
+                        help="[delivery] max_connections_per_domain, per process (10)")
+    parser.add_argument("--processes", type=int, default=1, metavar="P",
+                        help="server processes sharing the ports ([server] reuse_port) and "
+                             "the queue; PostgreSQL only (default %(default)s)")
     parser.add_argument("--no-dkim", action="store_true",
                         help="give the sender domain no DKIM key, so nothing is signed "
                              "(signing is on by default, as in production)")
@@ -776,6 +857,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--messages is limited to 999999")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.processes < 1:
+        parser.error("--processes must be positive")
+    if args.processes > 1 and args.backend != "postgresql":
+        parser.error(f"--processes {args.processes} needs --backend postgresql (the backend is "
+                     f"{args.backend}): several server processes share one queue through "
+                     "PostgreSQL; SQLite is one process by design")
     return args
 
 
