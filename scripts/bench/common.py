@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -429,6 +430,26 @@ class ClientProcesses:
                 if dead:
                     raise RuntimeError(f"client {dead[0].name} died with exit code "
                                        f"{dead[0].exitcode}") from None
+
+    def collect_latencies(self, started: float) -> tuple[float, list[float]]:
+        """(when the last client finished, every latency) from clients that each report
+        (index, latencies as array('d') bytes, end time, error); any error fails the run."""
+        latencies: list[float] = []
+        finished = started
+        errors = []
+        for _ in range(len(self.procs)):
+            index, raw, end, error = self.next_result()
+            if error:
+                errors.append(f"client {index}: {error}")
+                self.barrier.abort()
+                continue
+            values = array("d")
+            values.frombytes(raw)
+            latencies.extend(values)
+            finished = max(finished, end)
+        if errors:
+            raise RuntimeError("clients failed:\n  " + "\n  ".join(errors[:10]))
+        return finished, latencies
 
     def join(self, timeout: float = 10.0) -> None:
         """Wait for every client to exit; reaped, their CPU counts in RUSAGE_CHILDREN."""

@@ -413,21 +413,7 @@ def run_clients(server: Mailsuite, user: str, template: Template, args: argparse
             clients.start(client_worker, (host, port, user, PASSWORD, seqs, template))
         clients.wait_for_start(timeout=120)
         started = on_start()
-        latencies: list[float] = []
-        finished = started
-        errors = []
-        for _ in range(conns):
-            index, raw, end, error = clients.next_result()
-            if error:
-                errors.append(f"client {index}: {error}")
-                clients.barrier.abort()
-                continue
-            values = array("d")
-            values.frombytes(raw)
-            latencies.extend(values)
-            finished = max(finished, end)
-        if errors:
-            raise RuntimeError("clients failed:\n  " + "\n  ".join(errors[:10]))
+        finished, latencies = clients.collect_latencies(started)
         clients.join(10)
         return started, finished, latencies, common.children_cpu_seconds() - cpu_before
 
