@@ -22,7 +22,7 @@ from mailsuite.store import (
     open_store,
 )
 from mailsuite.store import schema as t
-from tests.store.conftest import new_domain
+from tests.store.conftest import new_domain, run_together
 
 HASH = "$2b$04$" + "x" * 53  # the store does not look inside; nobody logs in here
 LEASE = 300.0
@@ -264,29 +264,19 @@ def test_concurrent_claims_from_two_processes_never_share_a_recipient(
         assert len(every_id) == 500
         now = soon()
         got: list[list[int]] = [[], []]
-        errors: list[BaseException] = []
         rounds = [0, 0]
         start = threading.Barrier(2)
 
         def worker(n: int) -> None:
-            try:
-                start.wait()
-                while True:
-                    jobs = stores[n].queue_claim(f"process-{n}", now, 7, LEASE)
-                    if not jobs:
-                        return
-                    rounds[n] += 1
-                    got[n].extend(r.id for j in jobs for r in j.recipients)
-            except BaseException as exc:  # noqa: B036 - reported below
-                errors.append(exc)
+            start.wait()
+            while True:
+                jobs = stores[n].queue_claim(f"process-{n}", now, 7, LEASE)
+                if not jobs:
+                    return
+                rounds[n] += 1
+                got[n].extend(r.id for j in jobs for r in j.recipients)
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert not any(thread.is_alive() for thread in threads)
-        assert errors == []
+        run_together(worker, 2)
         assert len(got[0]) == len(set(got[0])) and len(got[1]) == len(set(got[1]))
         assert not set(got[0]) & set(got[1]), "a recipient was claimed by both processes"
         assert set(got[0]) | set(got[1]) == every_id
@@ -313,25 +303,15 @@ def test_two_processes_settling_a_messages_last_two_recipients_at_once_remove_it
         now = soon()
         jobs = setup.queue_claim("both", now, 1000, LEASE)
         assert len(jobs) == 100 and all(len(j.recipients) == 2 for j in jobs)
-        errors: list[BaseException] = []
         start = threading.Barrier(2)
 
         def worker(n: int) -> None:
-            try:
-                for job in jobs:  # both start each message together: they race on it
-                    start.wait(30)
-                    stores[n].queue_record(job, [Outcome(job.recipients[n], "delivered",
-                                                         "250 ok", "mx")], now)
-            except BaseException as exc:  # noqa: B036 - reported below
-                errors.append(exc)
+            for job in jobs:  # both start each message together: they race on it
+                start.wait(30)
+                stores[n].queue_record(job, [Outcome(job.recipients[n], "delivered",
+                                                     "250 ok", "mx")], now)
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        assert not any(thread.is_alive() for thread in threads)
-        assert errors == []
+        run_together(worker, 2)
         assert setup.queue_size() == 0
         with setup.db.read() as conn:
             left = conn.scalars(select(t.outbound.c.queue_id)).all()

@@ -12,6 +12,7 @@ from sqlalchemy import func, inspect, select, text
 
 from mailsuite.store import Delivered, Delivery, Store, open_store
 from mailsuite.store import schema as t
+from tests.store.conftest import run_together
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "mailsuite" / "store" / "migrations"
 TABLES = {"domains", "accounts", "mailboxes", "blobs", "messages", "aliases", "events"}
@@ -131,28 +132,17 @@ def test_concurrent_deliveries_from_8_threads_get_200_distinct_gapless_uids(
         store: Store) -> None:
     address, account = new_account(store)
     results: list[Delivered] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
     start = threading.Barrier(8)
 
     def worker(n: int) -> None:
-        try:
-            start.wait()
-            for i in range(25):
-                delivered = store.deliver(Delivery(message(f"t{n}-{i}"), (account,)))
-                with lock:
-                    results.append(delivered)
-        except BaseException as exc:  # noqa: B036 - reported below
+        start.wait()
+        for i in range(25):
+            delivered = store.deliver(Delivery(message(f"t{n}-{i}"), (account,)))
             with lock:
-                errors.append(exc)
+                results.append(delivered)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads)
-    assert errors == []
+    run_together(worker, 8)
     returned = sorted(uid for d in results for _, uid in d.uids)
     assert returned == list(range(1, 201))
     stored = store.messages(address)
