@@ -142,10 +142,9 @@ class QueueMixin:
                 rows.append({"outbound_id": outbound_id, "recipient": recipient,
                              "domain": recipient.rpartition("@")[2].lower(), "state": "queued",
                              "attempts": 0, "next_attempt_at": now})
-            events.append({"created_at": now, "kind": "queued", "account_id": ob.account_id,
-                           "detail": json.dumps({**ob.detail, "queue_id": item.queue_id,
-                                                 "sender": ob.sender, "kind": ob.kind,
-                                                 "recipients": list(ob.recipients)})})
+            events.append(_event(now, "queued", ob.account_id, {
+                **ob.detail, "queue_id": item.queue_id, "sender": ob.sender, "kind": ob.kind,
+                "recipients": list(ob.recipients)}))
         conn.execute(insert(r), rows)
         conn.execute(insert(t.events), events)
         return [item.queue_id for item in items]

@@ -112,12 +112,10 @@ class SendersMixin:
 
     def _account_id(self, address: str) -> int:
         normal = parse_account_address(address).normal
-        with self.db.read() as conn:
-            account_id = conn.scalar(select(t.accounts.c.id).where(
-                t.accounts.c.address == normal))
-        if account_id is None:
+        account = self.account_get(normal)  # type: ignore[attr-defined]
+        if account is None:
             raise NotFound(f"no account {normal}")
-        return account_id
+        return account.id
 
     # --- suppressions --------------------------------------------------------------------
     def route_recipient(self, address: str) -> tuple[Resolution, str | None]:
