@@ -38,6 +38,13 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _local_domain(store: Store, name: str) -> str:
+    name = parse_domain(name)
+    if not store.is_local_domain(name):
+        raise CommandError(f"unknown domain {name}")
+    return name
+
+
 def _new_keys(args: argparse.Namespace, domain: str) -> list[dkim.DKIMKey]:
     keys = [dkim.generate_key(domain, dkim.RSA_SHA256, bits=args.config.dkim.rsa_bits)]
     if args.config.dkim.ed25519:
@@ -54,9 +61,7 @@ def cmd_domain_add(store: Store, args: argparse.Namespace) -> None:
 
 
 def cmd_domain_dns(store: Store, args: argparse.Namespace) -> None:
-    name = parse_domain(args.name)
-    if not store.is_local_domain(name):
-        raise CommandError(f"unknown domain {name}")
+    name = _local_domain(store, args.name)
     keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
             for k in store.dkim_keys(name)]
     if not keys:
@@ -65,9 +70,7 @@ def cmd_domain_dns(store: Store, args: argparse.Namespace) -> None:
 
 
 def cmd_dkim_rotate(store: Store, args: argparse.Namespace) -> None:
-    name = parse_domain(args.name)
-    if not store.is_local_domain(name):
-        raise CommandError(f"unknown domain {name}")
+    name = _local_domain(store, args.name)
     for key in _new_keys(args, name):
         store.dkim_key_add(name, key.selector, key.algorithm, key.private_key)
         print(f"{name}: new {key.algorithm} selector {key.selector}")
@@ -76,9 +79,7 @@ def cmd_dkim_rotate(store: Store, args: argparse.Namespace) -> None:
 
 
 def cmd_dkim_list(store: Store, args: argparse.Namespace) -> None:
-    name = parse_domain(args.name)
-    if not store.is_local_domain(name):
-        raise CommandError(f"unknown domain {name}")
+    name = _local_domain(store, args.name)
     for key in store.dkim_keys(name, active_only=False):
         print(f"{key.selector}\t{key.algorithm}\t{'active' if key.active else 'retired'}")
 
