@@ -48,8 +48,11 @@ class Mailsuite:
 
     def __init__(self, workdir: Path, db_url: str, dns_address: str,
                  overrides: dict[str, dict[str, Any]] | None = None,
-                 ports: dict[str, int] | None = None) -> None:
+                 ports: dict[str, int] | None = None, daemon: bool = False) -> None:
         self.workdir = workdir
+        #: run as operators do: twistd forks into the background and writes a pidfile
+        self.daemon = daemon
+        self.pidfile = workdir / "twistd.pid"
         self.db_url = db_url
         workdir.mkdir(parents=True, exist_ok=True)
         # Ports picked here are free now but may be taken before the server binds them (other
@@ -62,6 +65,8 @@ class Mailsuite:
         self._write_config()
         self.log_path = workdir / "twistd.log"
         self.process: subprocess.Popen[bytes] | None = None
+        #: the server's pid (in daemon mode not the Popen's, which is the parent that exits)
+        self.pid: int | None = None
         self._store: Store | None = None
 
     @staticmethod
@@ -120,8 +125,9 @@ class Mailsuite:
 
     def command(self) -> list[str]:
         twistd = str(Path(sys.executable).parent / "twistd")
-        return [twistd, "-n", "--pidfile=", "--logfile",
-                str(self.log_path), "mailsuite", "--config", str(self.config_path)]
+        mode = [f"--pidfile={self.pidfile}"] if self.daemon else ["-n", "--pidfile="]
+        return [twistd, *mode, "--logfile", str(self.log_path), "mailsuite",
+                "--config", str(self.config_path)]
 
     def start(self, timeout: float = 30.0, attempts: int = 3) -> Mailsuite:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -132,6 +138,9 @@ class Mailsuite:
                                             stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
+        if self.daemon:
+            return self._wait_daemon(deadline, offset)
+        self.pid = self.process.pid
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 log = self._read("twistd.log")[offset:]
@@ -147,7 +156,49 @@ class Mailsuite:
         self.stop()
         raise TimeoutError(f"mailsuite did not start in {timeout}s:\n{self.log()}")
 
+    def _wait_daemon(self, deadline: float, offset: int) -> Mailsuite:
+        """twistd's parent exits 0 once the daemon is forked; then wait for the daemon."""
+        assert self.process is not None
+        self.process.wait(max(0.0, deadline - time.monotonic()))
+        if self.process.returncode != 0:
+            raise RuntimeError(f"twistd exited with {self.process.returncode}:\n{self.log()}")
+        self.process = None
+        while time.monotonic() < deadline:
+            if self.pid is None and self.pidfile.exists():
+                text = self.pidfile.read_text().strip()
+                self.pid = int(text) if text else None
+            if "mailsuite ready:" in self._read("twistd.log")[offset:]:
+                assert self.pid is not None, "ready without a pidfile"
+                return self
+            if self.pid is not None and not Path(f"/proc/{self.pid}").exists():
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the mailsuite daemon did not start:\n{self.log()}")
+
+    def _stop_daemon(self, sig: int, timeout: float) -> None:
+        """Signal the pid in the pidfile, as an init script does, and wait for it to go."""
+        self.pid = None
+        if not self.pidfile.exists():
+            return
+        pid = int(self.pidfile.read_text().strip())
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+            while Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.daemon:
+            self._stop_daemon(sig, timeout)
+            self._close_store()
+            return
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -158,6 +209,10 @@ class Mailsuite:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.pid = None
+        self._close_store()
+
+    def _close_store(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
