@@ -210,13 +210,50 @@ def cmd_suppression_clear(store: Store, args: argparse.Namespace) -> None:
     print(f"cleared {count} address(es)")
 
 
+def _utc_time(text: str) -> datetime:
+    """An ISO 8601 date or time; one without a zone is UTC."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(f"not a date or time: {text!r} (use 2027-01-31 or "
+                           "2027-01-31T12:00:00+01:00)") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def cmd_key_create(store: Store, args: argparse.Namespace) -> None:
+    expires = _utc_time(args.expires) if args.expires else None
+    if expires is not None and expires <= datetime.now(UTC):
+        raise CommandError("--expires is in the past")
+    key, secret = store.api_key_add(args.name, args.scope, args.domain, args.inbox, expires)
+    print(f"created key {key.id} ({' '.join(key.scopes)})")
+    print(f"secret (shown only now): {secret}")
+
+
+def cmd_key_list(store: Store, args: argparse.Namespace) -> None:
+    now = datetime.now(UTC)
+    for key in store.api_key_list():
+        if key.revoked_at is not None:
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}"
+        elif not key.usable(now):
+            state = "expired"
+        else:
+            state = f"expires {key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "active"
+        reach = " ".join(key.domains + key.inboxes) or "everything"
+        print(f"{key.id}\t{key.prefix}…\t{key.name}\t{' '.join(key.scopes)}\t{reach}\t{state}")
+
+
+def cmd_key_revoke(store: Store, args: argparse.Namespace) -> None:
+    key = store.api_key_revoke(args.id)
+    print(f"revoked key {key.id} ({key.name})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailsuite", description="mailsuite administration")
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                         help="configuration file (default: %(default)s)")
     groups = parser.add_subparsers(
         dest="group", required=True,
-        metavar="{domain,user,alias,sender,dkim,queue,suppression}")
+        metavar="{domain,user,alias,sender,dkim,queue,suppression,key}")
 
     def add(group: argparse._SubParsersAction, name: str, handler: Callable,
             help_text: str) -> argparse.ArgumentParser:
@@ -286,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(psub, "clear", cmd_suppression_clear, "let an address receive again")
     sub.add_argument("address", nargs="?")
     sub.add_argument("--all", action="store_true", help="clear every address")
+
+    key = groups.add_parser("key", help="API keys")
+    ysub = key.add_subparsers(dest="action", required=True)
+    sub = add(ysub, "create", cmd_key_create, "make a key and print its secret once")
+    sub.add_argument("--name", required=True)
+    sub.add_argument("--scope", action="append", required=True,
+                     help="admin, or e.g. messages:read (repeat for several)")
+    sub.add_argument("--domain", action="append", default=[],
+                     help="reach only this domain (repeatable)")
+    sub.add_argument("--inbox", action="append", default=[],
+                     help="reach only this address (repeatable)")
+    sub.add_argument("--expires", help="date or time (UTC unless given) it stops working")
+    add(ysub, "list", cmd_key_list, "list keys (never their secrets)")
+    add(ysub, "revoke", cmd_key_revoke, "stop a key working at once").add_argument("id")
     return parser
 
 

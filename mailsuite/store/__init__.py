@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
+from mailsuite.store.apikeys import ApiKey, ApiKeysMixin
 from mailsuite.store.directory import AccountRow, DirectoryMixin, Resolution
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
@@ -46,7 +47,8 @@ from mailsuite.store.queue import (
 from mailsuite.store.senders import SenderIdentities, SendersMixin, SigningKey
 
 __all__ = [
-    "AccountRow", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event", "FetchRow", "InUse",
+    "AccountRow", "ApiKey", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event",
+    "FetchRow", "InUse",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
     "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Settlement", "Submission",
@@ -55,7 +57,7 @@ __all__ = [
 
 
 class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin, QueueMixin,
-            SendersMixin):
+            SendersMixin, ApiKeysMixin):
     def __init__(self, db: Database) -> None:
         self.db = db
 

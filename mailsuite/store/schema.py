@@ -214,3 +214,20 @@ outbound_recipients = Table(
     Index("ix_outbound_recipients_due", "next_attempt_at"),
     Index("ix_outbound_recipients_outbound", "outbound_id"),
 )
+
+# API keys. The secret is not kept, only its SHA-256; restrictions are names, so a key
+# restricted to a domain never widens to everything when that domain goes away.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),  # key_<ulid>
+    Column("name", String(200), nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("scopes", Text, nullable=False),  # space-separated
+    Column("domains", Text, nullable=False),  # space-separated domain names, "" for any
+    Column("inboxes", Text, nullable=False),  # space-separated addresses, "" for any
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+)

@@ -1,0 +1,54 @@
+"""API keys: their secrets, hashes, ids and scopes.
+
+Protocol-neutral: the HTTP API checks a key on every request, and the mail protocols will take
+one as a password. A secret is 32 random bytes, so a SHA-256 of it is enough to store (no
+bcrypt per request) and the lookup is by that hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+
+from ulid import ULID
+
+SECRET_PREFIX = "ms_"
+#: what a key may do; "admin" covers everything
+SCOPES = frozenset({
+    "admin",
+    "domains:read", "domains:write",
+    "inboxes:read", "inboxes:write",
+    "messages:read", "messages:send", "messages:write",
+    "threads:read", "threads:write",
+    "keys:read", "keys:write",
+})
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    """Enough of a secret to recognise it in a list, far too little to guess the rest."""
+    return secret[:len(SECRET_PREFIX) + 6]
+
+
+def new_key_id() -> str:
+    """A prefixed ULID: unique, and sorted by creation time."""
+    return "key_" + str(ULID()).lower()
+
+
+def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    """The scopes, sorted and without repeats; ValueError names an unknown one."""
+    chosen = sorted(set(scopes))
+    if not chosen:
+        raise ValueError("a key needs at least one scope")
+    unknown = [scope for scope in chosen if scope not in SCOPES]
+    if unknown:
+        raise ValueError(f"unknown scope {unknown[0]!r} (known: {', '.join(sorted(SCOPES))})")
+    return tuple(chosen)
