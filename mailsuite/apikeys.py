@@ -52,3 +52,26 @@ def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r} (known: {', '.join(sorted(SCOPES))})")
     return tuple(chosen)
+
+
+def grants(held: Iterable[str], needed: str) -> bool:
+    """Whether scopes `held` allow `needed`: admin allows everything, x:write allows x:read."""
+    held = set(held)
+    if "admin" in held or needed in held:
+        return True
+    area, _, action = needed.partition(":")
+    return action == "read" and f"{area}:write" in held
+
+
+def reach_within(outer_domains: Iterable[str], outer_inboxes: Iterable[str],
+                 domains: Iterable[str], inboxes: Iterable[str]) -> bool:
+    """Whether a reach (domains and inboxes; both empty: everything) lies inside another."""
+    outer_domains, outer_inboxes = set(outer_domains), set(outer_inboxes)
+    domains, inboxes = set(domains), set(inboxes)
+    if not outer_domains and not outer_inboxes:
+        return True
+    if not domains and not inboxes:
+        return False
+    return domains <= outer_domains and all(
+        address in outer_inboxes or address.rpartition("@")[2] in outer_domains
+        for address in inboxes)

@@ -42,6 +42,7 @@ class ListenConfig:
     imaps: str = "tcp:1993:interface=127.0.0.1"
     submission: str = "tcp:1587:interface=127.0.0.1"
     submissions: str = "tcp:1465:interface=127.0.0.1"
+    http: str = "tcp:8080:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,11 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class APIConfig:
+    max_body: int = 36700160  # 35 MiB: a 25 MiB message as base64 JSON, with room
+
+
+@dataclass(frozen=True)
 class Config:
     path: str = ""
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -156,6 +162,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    api: APIConfig = field(default_factory=APIConfig)
 
     @property
     def data_path(self) -> Path:

@@ -29,6 +29,7 @@ from mailsuite.smtp.submission import SubmissionContext, SubmissionFactory
 from mailsuite.store import AsyncStore, Store, open_store
 from mailsuite.store.batcher import Batcher
 from mailsuite.tls import server_context
+from mailsuite.web.site import make_site
 
 log = Logger(namespace="mailsuite")
 
@@ -175,6 +176,7 @@ class MailsuiteService(service.MultiService):
             listen(name, getattr(config.listen, name),
                    IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
                                imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
+        listen("http", config.listen.http, make_site(async_store, config.api.max_body))
         ReadyService(listeners).setServiceParent(self)
         log.info("mailsuite configured: store={backend}",
                  backend="sqlite" if store.db.is_sqlite else "postgresql")

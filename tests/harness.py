@@ -72,7 +72,7 @@ class Mailsuite:
     @staticmethod
     def _free_ports() -> dict[str, int]:
         return {name: free_port() for name in ("mx", "pop3", "pop3s", "imap", "imaps",
-                                               "submission", "submissions")}
+                                               "submission", "submissions", "http")}
 
     def _write_config(self) -> None:
         sections: dict[str, dict[str, Any]] = {
@@ -115,6 +115,10 @@ class Mailsuite:
     @property
     def submissions(self) -> tuple[str, int]:
         return ("127.0.0.1", self.ports["submissions"])
+
+    @property
+    def http(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports["http"])
 
     @property
     def store(self) -> Store:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import text
 from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
@@ -63,6 +64,11 @@ class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin, 
 
     def close(self) -> None:
         self.db.dispose()
+
+    def ping(self) -> None:
+        """Raises unless the database answers."""
+        with self.db.read() as conn:
+            conn.execute(text("SELECT 1"))
 
 
 def open_store(url: str, pool_size: int = 8, migrate: bool = True) -> Store:

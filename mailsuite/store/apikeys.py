@@ -102,6 +102,19 @@ class ApiKeysMixin:
             row = conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id.lower())).one()
         return _key(row)
 
+    def api_key_rotate(self, key_id: str) -> tuple[ApiKey, str]:
+        """A new secret for an active key; the old one stops working with this commit."""
+        secret = apikeys.new_secret()
+        with self.db.write() as conn:
+            done = conn.execute(update(t.api_keys).where(
+                (t.api_keys.c.id == key_id.lower()) & t.api_keys.c.revoked_at.is_(None)
+            ).values(prefix=apikeys.display_prefix(secret),
+                     secret_sha256=apikeys.secret_hash(secret)))
+            if done.rowcount != 1:
+                raise NotFound(f"no active key {key_id}")
+            row = conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id.lower())).one()
+        return _key(row), secret
+
     def api_key_for_secret(self, secret: str, now: datetime | None = None) -> ApiKey | None:
         """The usable key with this secret, or None (unknown, revoked or expired)."""
         if not secret.startswith(apikeys.SECRET_PREFIX):

@@ -1,0 +1,285 @@
+"""One registry of API operations: it routes (Klein), validates (pydantic), authorises (API
+keys and scopes) and describes itself (OpenAPI 3.1), so the document cannot drift from the code.
+
+A handler is `async def handler(call, body?) -> model`; it raises ApiError for a refusal.
+Everything else that goes wrong is a 500 with a request id, never a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from klein import Klein
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from ulid import ULID
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from mailsuite import apikeys
+from mailsuite.store import ApiKey, AsyncStore
+from mailsuite.web.models import ErrorResponse
+
+log = Logger(namespace="mailsuite.web")
+#: the scope of operations any valid key may call
+ANY_KEY = "*"
+
+#: error responses every authenticated operation may give, for the document
+_ERRORS = {
+    "400": "malformed request", "401": "missing, unknown, revoked or expired key",
+    "403": "the key lacks the scope", "404": "no such resource within the key's reach",
+    "413": "body over the limit", "415": "body is not JSON",
+}
+
+
+class ApiError(Exception):
+    """A refusal the client should see: HTTP status, a stable code, a message."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"no such {what}")
+
+
+@dataclass
+class Call:
+    """What a handler gets: the request, the caller's key, path and query parameters."""
+
+    request: Any
+    store: AsyncStore
+    key: ApiKey | None
+    params: dict[str, str]
+    query: BaseModel | None = None
+
+
+#: a handler returns a model, or plain JSON data for an operation without a response model
+Handler = Callable[..., Awaitable[BaseModel | dict[str, Any] | None]]
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str  # OpenAPI form: /v1/api-keys/{key_id}
+    handler: Handler
+    scope: str | None  # None: no key needed
+    summary: str
+    status: int
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    tag: str
+    errors: dict[int, str]  # refusals of this operation beyond the common ones
+
+    @property
+    def operation_id(self) -> str:
+        return self.handler.__name__
+
+
+@dataclass
+class Api:
+    title: str
+    version: str
+    operations: list[Operation] = field(default_factory=list)
+
+    def operation(self, method: str, path: str, *, scope: str | None, summary: str,
+                  status: int = 200, body: type[BaseModel] | None = None,
+                  query: type[BaseModel] | None = None,
+                  response: type[BaseModel] | None = None, tag: str = "api",
+                  errors: dict[int, str] | None = None) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            self.operations.append(Operation(method, path, handler, scope, summary, status,
+                                             body, query, response, tag, errors or {}))
+            return handler
+        return register
+
+    # --- serving ---------------------------------------------------------------------------
+    def klein(self, store: AsyncStore) -> Klein:
+        app = Klein()
+        for op in self.operations:
+            route = re.sub(r"\{(\w+)\}", r"<string:\1>", op.path)
+            app.route(route, methods=[op.method], branch=False,
+                      endpoint=op.operation_id)(self._endpoint(op, store))
+
+        @app.handle_errors(NotFound)
+        def unknown(request: Any, failure: Any) -> bytes:
+            return _error(request, ApiError(404, "not_found", "no such endpoint"))
+
+        @app.handle_errors(MethodNotAllowed)
+        def wrong_method(request: Any, failure: Any) -> bytes:
+            return _error(request, ApiError(405, "method_not_allowed",
+                                            "this endpoint does not take that method"))
+        return app
+
+    def _endpoint(self, op: Operation, store: AsyncStore) -> Callable[..., Any]:
+        def endpoint(request: Any, **params: str) -> defer.Deferred:
+            return defer.ensureDeferred(self._dispatch(op, store, request, params))
+        return endpoint
+
+    async def _dispatch(self, op: Operation, store: AsyncStore, request: Any,
+                        params: dict[str, str]) -> bytes:
+        request_id(request)
+        try:
+            key = await authenticate(request, store, op.scope) if op.scope else None
+            call = Call(request, store, key, params)
+            if op.query is not None:
+                call.query = _validate(op.query, _query_args(request), "query")
+            args: list[Any] = [call]
+            if op.body is not None:
+                args.append(_validate(op.body, _json_body(request), "body"))
+            result = await op.handler(*args)
+        except ApiError as refusal:
+            return _error(request, refusal)
+        except Exception:
+            log.failure("{method} {path} failed (request {id})", method=op.method,
+                        path=op.path, id=request_id(request))
+            return _error(request, ApiError(500, "internal_error",
+                                            "the server failed; the request id names it"))
+        request.setResponseCode(op.status)
+        if result is None:
+            return b""
+        if isinstance(result, BaseModel):
+            return _json(request, result.model_dump(mode="json"))
+        return _json(request, result)
+
+    # --- the document ------------------------------------------------------------------------
+    def openapi(self) -> dict[str, Any]:
+        models: set[type[BaseModel]] = {ErrorResponse}
+        for op in self.operations:
+            models.update(m for m in (op.body, op.response) if m is not None)
+        refs, schemas = models_json_schema(
+            [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+            ref_template="#/components/schemas/{model}")
+        paths: dict[str, dict[str, Any]] = {}
+        for op in self.operations:
+            paths.setdefault(op.path, {})[op.method.lower()] = self._describe(op)
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": self.version},
+            "paths": paths,
+            "components": {
+                "schemas": schemas.get("$defs", {}),
+                "securitySchemes": {"bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": f"an API key: {apikeys.SECRET_PREFIX}..."}},
+            },
+        }
+
+    def _describe(self, op: Operation) -> dict[str, Any]:
+        def ref(model: type[BaseModel]) -> dict[str, Any]:
+            return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+        error = {"content": {"application/json": {"schema": ref(ErrorResponse)}}}
+        ok: dict[str, Any] = {"description": op.summary}
+        if op.response is not None:
+            ok["content"] = {"application/json": {"schema": ref(op.response)}}
+        doc: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary,
+                               "tags": [op.tag], "responses": {str(op.status): ok}}
+        parameters = [{"name": name, "in": "path", "required": True,
+                       "schema": {"type": "string"}}
+                      for name in re.findall(r"\{(\w+)\}", op.path)]
+        if op.query is not None:
+            schema = op.query.model_json_schema()
+            for name, prop in schema.get("properties", {}).items():
+                parameters.append({"name": name, "in": "query",
+                                   "required": name in schema.get("required", []),
+                                   "schema": prop})
+        if parameters:
+            doc["parameters"] = parameters
+        if op.body is not None:
+            doc["requestBody"] = {"required": True,
+                                  "content": {"application/json": {"schema": ref(op.body)}}}
+        if op.scope is not None:
+            doc["security"] = [{"bearer": []}]
+            for status, text in _ERRORS.items():
+                if status in ("413", "415") and op.body is None:
+                    continue
+                doc["responses"][status] = {"description": text, **error}
+        for status, text in op.errors.items():
+            doc["responses"][str(status)] = {"description": text, **error}
+        doc["responses"].setdefault("500", {"description": "server failure", **error})
+        return doc
+
+
+async def authenticate(request: Any, store: AsyncStore, scope: str) -> ApiKey:
+    header = request.getHeader("authorization") or ""
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(401, "unauthorized", "send an API key: Authorization: Bearer ms_...")
+    key = await store.api_key_for_secret(secret.strip())
+    if key is None:
+        raise ApiError(401, "unauthorized", "unknown, revoked or expired API key")
+    if scope != ANY_KEY and not apikeys.grants(key.scopes, scope):
+        raise ApiError(403, "forbidden", f"this key lacks the scope {scope}")
+    return key
+
+
+def new_request_id() -> str:
+    return "req_" + str(ULID()).lower()
+
+
+def request_id(request: Any) -> str:
+    """The request's id, made on first use and sent back as X-Request-Id."""
+    existing = getattr(request, "mailsuite_request_id", None)
+    if existing is None:
+        existing = new_request_id()
+        request.mailsuite_request_id = existing
+        request.setHeader("X-Request-Id", existing)
+    return existing
+
+
+def _json(request: IRequest, value: Any) -> bytes:
+    request.setHeader("Content-Type", "application/json")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _error(request: Any, refusal: ApiError) -> bytes:
+    request.setResponseCode(refusal.status)
+    error: dict[str, Any] = {"code": refusal.code, "message": refusal.message,
+                             "request_id": request_id(request)}
+    if refusal.param is not None:
+        error["param"] = refusal.param
+    return _json(request, {"error": error})
+
+
+def _json_body(request: Any) -> Any:
+    content_type = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    request.content.seek(0)
+    try:
+        return json.loads(request.content.read())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+
+
+def _query_args(request: Any) -> dict[str, str]:
+    args: dict[str, str] = {}
+    for name, values in request.args.items():
+        try:
+            args[name.decode("utf-8")] = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_request", "query parameters must be UTF-8") from None
+    return args
+
+
+def _validate(model: type[BaseModel], data: Any, where: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        code = "unknown_field" if first["type"] == "extra_forbidden" else "invalid_" + where
+        raise ApiError(400, code, message, param) from None

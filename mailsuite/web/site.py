@@ -1,0 +1,81 @@
+"""The HTTP listener: a twisted.web Site serving the API, with a cap on request bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web import server
+
+from mailsuite import __version__
+from mailsuite.store import AsyncStore
+from mailsuite.web import keys
+from mailsuite.web.api import Api, ApiError, Call, new_request_id
+from mailsuite.web.models import Health
+
+
+def build_api() -> Api:
+    api = Api(title="mailsuite", version=__version__)
+
+    @api.operation("GET", "/healthz", scope=None, response=Health, tag="meta",
+                   summary="Whether the store answers", errors={503: "the store does not answer"})
+    async def healthz(call: Call) -> Health:
+        try:
+            await call.store.ping()
+        except Exception:
+            raise ApiError(503, "unavailable", "the store does not answer") from None
+        return Health(status="ok")
+
+    @api.operation("GET", "/v1/openapi.json", scope=None, summary="This document (OpenAPI 3.1)",
+                   tag="meta")
+    async def openapi(call: Call) -> dict[str, Any]:
+        return document
+
+    keys.register(api)
+    document = api.openapi()
+    return api
+
+
+class LimitedRequest(server.Request):
+    """Refuses a body over the limit with 413 as soon as it is announced or exceeded, and
+    closes the connection, so an oversized upload is never buffered."""
+
+    max_body = 35 * 1024 * 1024
+
+    def gotLength(self, length: int | None) -> None:
+        self._body_seen = 0
+        if length is not None and length > self.max_body:
+            self._refuse_too_large()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self._body_seen > self.max_body:
+            self._refuse_too_large()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_too_large(self) -> None:
+        if getattr(self, "_refused", False):
+            return
+        self._refused = True
+        rid = new_request_id()
+        body = json.dumps({"error": {
+            "code": "payload_too_large",
+            "message": f"the body is over {self.max_body} bytes", "request_id": rid,
+        }}).encode()
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (rid.encode(), len(body), body))
+        self.channel.transport.loseConnection()
+
+
+def make_site(store: AsyncStore, max_body: int) -> server.Site:
+    app = build_api().klein(store)
+    request_class = type("Request", (LimitedRequest,), {"max_body": max_body})
+    site = server.Site(app.resource(), requestFactory=request_class)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
