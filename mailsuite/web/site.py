@@ -75,7 +75,8 @@ class LimitedRequest(server.Request):
 def make_site(store: AsyncStore, max_body: int) -> server.Site:
     app = build_api().klein(store)
     request_class = type("Request", (LimitedRequest,), {"max_body": max_body})
-    site = server.Site(app.resource(), requestFactory=request_class)
+    # twisted.web keeps an idle connection 12 hours by default; a minute is plenty for an API.
+    site = server.Site(app.resource(), requestFactory=request_class, timeout=60)
     site.displayTracebacks = False
     site.noisy = False
     return site
