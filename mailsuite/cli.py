@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from mailsuite import dkim
 from mailsuite.addresses import AddressError, parse_account_address, parse_domain
 from mailsuite.config import ConfigError, load_config
 from mailsuite.passwords import PasswordError, hash_password
-from mailsuite.smtp import dkim
 from mailsuite.store import Store, StoreError, open_store
 
 DEFAULT_CONFIG = os.environ.get("MAILSUITE_CONFIG", "conf/mailsuite.toml")

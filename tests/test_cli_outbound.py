@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailsuite.smtp import dkim
+from mailsuite import dkim
 from mailsuite.store import Outbound, Outcome, Store, Submission, new_queue_id, open_store
 from tests.harness import write_config
 from tests.test_cli import Result, fails, ok, run_cli

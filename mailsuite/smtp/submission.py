@@ -19,11 +19,11 @@ import dkim as dkimpy
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from mailsuite import dkim
 from mailsuite.addresses import Address
 from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
 from mailsuite.config import Config
 from mailsuite.mime import count_fields, has_field, header_fields, split_message
-from mailsuite.smtp import dkim
 from mailsuite.smtp.server import (
     ESMTPServer,
     ESMTPServerFactory,

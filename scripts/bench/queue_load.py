@@ -85,7 +85,7 @@ sys.path[:0] = [str(path) for path in (BENCH.parents[1], BENCH) if str(path) not
 import common  # noqa: E402
 import dkim as dkimpy  # noqa: E402
 
-from mailsuite.smtp import dkim  # noqa: E402
+from mailsuite import dkim  # noqa: E402
 from tests.dnsserver import DNSServerHandle  # noqa: E402
 from tests.harness import Mailsuite  # noqa: E402
 from tests.smtpsink import free_port_on  # noqa: E402

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import dkim
 import pytest
 
-from mailsuite.smtp.dkim import DKIMKey, generate_key, public_record
+from mailsuite.dkim import DKIMKey, generate_key, public_record
 from tests.delivery.support import (
     Servers,
     Shared,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import dkim
 import pytest
 
-from mailsuite.smtp.dkim import (
+from mailsuite.dkim import (
     DKIMKey,
     dns_records,
     format_zone,

@@ -18,7 +18,7 @@ import dkim
 import pytest
 from sqlalchemy import insert
 
-from mailsuite.smtp.dkim import DKIMKey, generate_key, public_record
+from mailsuite.dkim import DKIMKey, generate_key, public_record
 from mailsuite.store import schema as t
 from tests.dnsserver import DNSServerHandle
 from tests.harness import TEST_HOSTNAME, Mailsuite, own_server

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailsuite.smtp import dkim
+from mailsuite import dkim
 from mailsuite.store import (
     Conflict,
     NotFound,
