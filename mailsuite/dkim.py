@@ -92,24 +92,25 @@ def sign_message(raw: bytes, keys: Sequence[DKIMKey]) -> bytes:
 
 def dns_records(domain: str, hostname: str,
                 keys: Sequence[DKIMKey]) -> list[tuple[str, str, str]]:
-    """(owner name, type, zone-file value) of MX, SPF, DKIM and DMARC records for `domain`."""
+    """(owner name, type, value) of MX, SPF, DKIM and DMARC records for `domain`; a TXT value
+    is the whole text, which format_zone splits into strings."""
     domain = domain.lower().rstrip(".")
     hostname = hostname.lower().rstrip(".")
     records = [
         (f"{domain}.", "MX", f"10 {hostname}."),
-        (f"{domain}.", "TXT", f'"v=spf1 mx a:{hostname} ~all"'),
+        (f"{domain}.", "TXT", f"v=spf1 mx a:{hostname} ~all"),
     ]
     for key in keys:
-        records.append((f"{key.selector}._domainkey.{domain}.", "TXT",
-                        _txt_strings(public_record(key))))
+        records.append((f"{key.selector}._domainkey.{domain}.", "TXT", public_record(key)))
     records.append((f"_dmarc.{domain}.", "TXT",
-                    f'"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"'))
+                    f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}"))
     return records
 
 
 def format_zone(records: Iterable[tuple[str, str, str]]) -> str:
     """Zone-file lines "name<TAB>IN<TAB>TYPE<TAB>value", one per record."""
-    return "".join(f"{name}\tIN\t{rtype}\t{value}\n" for name, rtype, value in records)
+    return "".join(f"{name}\tIN\t{rtype}\t{_txt_strings(value) if rtype == 'TXT' else value}\n"
+                   for name, rtype, value in records)
 
 
 def _txt_strings(value: str) -> str:
