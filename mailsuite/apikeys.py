@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from ulid import ULID
+from mailsuite.ids import new_id
 
 SECRET_PREFIX = "ms_"
 #: what a key may do; "admin" covers everything
@@ -39,8 +39,7 @@ def display_prefix(secret: str) -> str:
 
 
 def new_key_id() -> str:
-    """A prefixed ULID: unique, and sorted by creation time."""
-    return "key_" + str(ULID()).lower()
+    return new_id("key")
 
 
 def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:

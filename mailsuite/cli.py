@@ -46,10 +46,7 @@ def _local_domain(store: Store, name: str) -> str:
 
 
 def _new_keys(args: argparse.Namespace, domain: str) -> list[dkim.DKIMKey]:
-    keys = [dkim.generate_key(domain, dkim.RSA_SHA256, bits=args.config.dkim.rsa_bits)]
-    if args.config.dkim.ed25519:
-        keys.append(dkim.generate_key(domain, dkim.ED25519_SHA256))
-    return keys
+    return dkim.new_domain_keys(domain, args.config.dkim.rsa_bits, args.config.dkim.ed25519)
 
 
 def cmd_domain_add(store: Store, args: argparse.Namespace) -> None:

@@ -56,6 +56,14 @@ def generate_key(domain: str, algorithm: str = RSA_SHA256, bits: int = 2048,
                    private_key=pem)
 
 
+def new_domain_keys(domain: str, rsa_bits: int, ed25519_too: bool) -> list[DKIMKey]:
+    """The keys a new domain (or a rotation) gets: RSA, and Ed25519 when configured."""
+    keys = [generate_key(domain, RSA_SHA256, bits=rsa_bits)]
+    if ed25519_too:
+        keys.append(generate_key(domain, ED25519_SHA256))
+    return keys
+
+
 def public_record(key: DKIMKey) -> str:
     """The TXT value to publish at <selector>._domainkey.<domain>."""
     private = _load_private(key)

@@ -176,7 +176,7 @@ class MailsuiteService(service.MultiService):
             listen(name, getattr(config.listen, name),
                    IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
                                imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
-        listen("http", config.listen.http, make_site(async_store, config.api.max_body))
+        listen("http", config.listen.http, make_site(async_store, config))
         ReadyService(listeners).setServiceParent(self)
         log.info("mailsuite configured: store={backend}",
                  backend="sqlite" if store.db.is_sqlite else "postgresql")

@@ -14,7 +14,14 @@ from twisted.internet import defer, threads
 from twisted.python.threadpool import ThreadPool
 
 from mailsuite.store.apikeys import ApiKey, ApiKeysMixin
-from mailsuite.store.directory import AccountRow, DirectoryMixin, Resolution
+from mailsuite.store.directory import (
+    NO_PASSWORD,
+    AccountRow,
+    DirectoryMixin,
+    DomainRow,
+    InboxRow,
+    Resolution,
+)
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
 from mailsuite.store.events import Event, EventsMixin
@@ -33,6 +40,7 @@ from mailsuite.store.mailboxes import (
     MailboxInfo,
     MailboxSnapshot,
     MailboxStatus,
+    MailboxUsage,
 )
 from mailsuite.store.queue import (
     Job,
@@ -49,7 +57,7 @@ from mailsuite.store.senders import SenderIdentities, SendersMixin, SigningKey
 
 __all__ = [
     "AccountRow", "ApiKey", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event",
-    "FetchRow", "InUse",
+    "FetchRow", "InUse", "DomainRow", "InboxRow", "MailboxUsage", "NO_PASSWORD",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
     "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Settlement", "Submission",

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailsuite.addresses import parse_account_address, parse_domain
+from mailsuite.ids import new_id
 from mailsuite.store import schema as t
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound
@@ -40,6 +42,48 @@ class AccountRow:
     password_hash: str
 
 
+@dataclass(frozen=True)
+class DomainRow:
+    id: int
+    api_id: str
+    name: str
+    created_at: datetime
+    verified_at: datetime | None
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    id: int
+    api_id: str
+    address: str
+    display_name: str | None
+    created_at: datetime
+
+
+#: the password hash of an account made without a password: no password ever matches it
+NO_PASSWORD = "!"
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite gives naive datetimes back; every time we store is UTC.
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _domain_row(row: Any) -> DomainRow:
+    return DomainRow(row.id, row.api_id, row.name, _utc(row.created_at), _utc(row.verified_at))
+
+
+def _inbox_row(row: Any) -> InboxRow:
+    return InboxRow(row.id, row.api_id, row.address, row.display_name, _utc(row.created_at))
+
+
+def _reach(domains: Sequence[str], addresses: Sequence[str]) -> Any:
+    """A WHERE clause on accounts: in one of these domains or one of these addresses."""
+    return or_(t.accounts.c.domain_id.in_(
+        select(t.domains.c.id).where(t.domains.c.name.in_(domains))),
+        t.accounts.c.address.in_(addresses))
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -48,20 +92,49 @@ class DirectoryMixin:
     db: Database
 
     # --- domains -------------------------------------------------------------------------
-    def domain_add(self, name: str, dkim_keys: Sequence[tuple[str, str, bytes]] = ()) -> None:
+    def domain_add(self, name: str, dkim_keys: Sequence[tuple[str, str, bytes]] = ()
+                   ) -> DomainRow:
         """Add a domain with its DKIM keys, (selector, algorithm, private key PEM) each."""
         name = parse_domain(name)
+        now = _now()
         try:
             with self.db.write() as conn:
-                domain_id = conn.execute(insert(t.domains).values(name=name, created_at=_now())
-                                         .returning(t.domains.c.id)).scalar_one()
+                domain_id = conn.execute(insert(t.domains).values(
+                    name=name, created_at=now, api_id=new_id("dom", now)
+                ).returning(t.domains.c.id)).scalar_one()
                 if dkim_keys:
                     conn.execute(insert(t.dkim_keys), [
                         {"domain_id": domain_id, "selector": selector, "algorithm": algorithm,
                          "private_key": key, "active": True, "created_at": _now()}
                         for selector, algorithm, key in dkim_keys])
+                row = conn.execute(select(t.domains).where(t.domains.c.id == domain_id)).one()
         except IntegrityError as exc:
             raise Conflict(f"domain {name} exists already") from exc
+        return _domain_row(row)
+
+    def domain_find(self, ref: str) -> DomainRow | None:
+        """A domain by its API id (dom_...) or its name."""
+        column = t.domains.c.api_id if ref.startswith("dom_") else t.domains.c.name
+        with self.db.read() as conn:
+            row = conn.execute(select(t.domains).where(
+                column == ref.lower().rstrip("."))).one_or_none()
+        return _domain_row(row) if row is not None else None
+
+    def domain_page(self, after: str | None, limit: int,
+                    names: Sequence[str] | None = None) -> list[DomainRow]:
+        """Domains by API id (creation order) after `after`; only `names` when given."""
+        query = select(t.domains).order_by(t.domains.c.api_id).limit(limit)
+        if after:
+            query = query.where(t.domains.c.api_id > after)
+        if names is not None:
+            query = query.where(t.domains.c.name.in_(names))
+        with self.db.read() as conn:
+            return [_domain_row(row) for row in conn.execute(query)]
+
+    def domain_account_count(self, name: str) -> int:
+        with self.db.read() as conn:
+            return conn.scalar(select(func.count()).select_from(t.accounts).join(t.domains)
+                               .where(t.domains.c.name == name))
 
     def domain_list(self) -> list[tuple[str, int]]:
         """(domain, number of accounts), sorted by name."""
@@ -92,15 +165,18 @@ class DirectoryMixin:
             return self._find_domain(conn, name.lower().rstrip(".")) is not None
 
     # --- accounts ------------------------------------------------------------------------
-    def account_add(self, address: str, password_hash: str) -> int:
+    def account_add(self, address: str, password_hash: str,
+                    display_name: str | None = None) -> int:
         parsed = parse_account_address(address)
+        now = _now()
         try:
             with self.db.write() as conn:
                 domain_id = self._domain_id(conn, parsed.domain)
                 account_id = conn.execute(
                     insert(t.accounts)
                     .values(domain_id=domain_id, address=parsed.normal,
-                            password_hash=password_hash, created_at=_now())
+                            password_hash=password_hash, created_at=now,
+                            api_id=new_id("inb", now), display_name=display_name)
                     .returning(t.accounts.c.id)
                 ).scalar_one()
                 self._create_default_mailboxes(conn, account_id)
@@ -123,6 +199,34 @@ class DirectoryMixin:
                 .where(t.accounts.c.address == address.lower())
             ).first()
         return AccountRow(*row) if row else None
+
+    def inbox_find(self, ref: str) -> InboxRow | None:
+        """An account by its API id (inb_...) or its address."""
+        column = t.accounts.c.api_id if ref.startswith("inb_") else t.accounts.c.address
+        with self.db.read() as conn:
+            row = conn.execute(select(t.accounts).where(column == ref.lower())).one_or_none()
+        return _inbox_row(row) if row is not None else None
+
+    def inbox_page(self, after: str | None, limit: int, domain: str | None = None,
+                   reach: tuple[Sequence[str], Sequence[str]] | None = None) -> list[InboxRow]:
+        """Accounts by API id after `after`; of one domain, and within reach (domains,
+        addresses) when given."""
+        query = select(t.accounts).order_by(t.accounts.c.api_id).limit(limit)
+        if after:
+            query = query.where(t.accounts.c.api_id > after)
+        if domain is not None:
+            query = query.where(t.accounts.c.domain_id.in_(
+                select(t.domains.c.id).where(t.domains.c.name == domain)))
+        if reach is not None:
+            query = query.where(_reach(*reach))
+        with self.db.read() as conn:
+            return [_inbox_row(row) for row in conn.execute(query)]
+
+    def account_set_display_name(self, address: str, display_name: str | None) -> None:
+        with self.db.write() as conn:
+            if not conn.execute(update(t.accounts).where(t.accounts.c.address == address.lower())
+                                .values(display_name=display_name)).rowcount:
+                raise NotFound(f"no account {address.lower()}")
 
     def account_set_password(self, address: str, password_hash: str) -> None:
         parsed = parse_account_address(address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +32,15 @@ class MailboxStatus:
     uidvalidity: int
     unseen: int
     highestmodseq: int
+
+
+@dataclass(frozen=True)
+class MailboxUsage:
+    name: str
+    special_use: str | None
+    messages: int
+    unread: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,13 @@ def _valid_name(name: str) -> str:
             or any(ord(c) < 0x20 or c == "\x7f" for c in name)):
         raise StoreError(f"invalid mailbox name {name!r}")
     return "INBOX" if name.upper() == "INBOX" else name
+
+
+def _has_flag(flag: str) -> Any:
+    """A WHERE clause: the message's space-separated flags include `flag`."""
+    flags = t.messages.c.flags
+    return or_(flags == flag, flags.like(f"{flag} %", escape="!"),
+               flags.like(f"% {flag}", escape="!"), flags.like(f"% {flag} %", escape="!"))
 
 
 class MailboxesMixin:
@@ -208,6 +225,20 @@ class MailboxesMixin:
                     raise NotFound(f"not subscribed to {name}")
                 conn.execute(delete(t.subscriptions).where(where))
 
+    def mailbox_usage(self, account_id: int) -> list[MailboxUsage]:
+        """Every mailbox of an account with its message count, unread count and bytes."""
+        seen = _has_flag("\\Seen")
+        query = (
+            select(t.mailboxes.c.name, t.mailboxes.c.special_use, func.count(t.messages.c.id),
+                   func.count(t.messages.c.id).filter(~seen),
+                   func.coalesce(func.sum(t.messages.c.size), 0))
+            .select_from(t.mailboxes.outerjoin(t.messages))
+            .where(t.mailboxes.c.account_id == account_id)
+            .group_by(t.mailboxes.c.id, t.mailboxes.c.name, t.mailboxes.c.special_use)
+            .order_by(t.mailboxes.c.id))
+        with self.db.read() as conn:
+            return [MailboxUsage(*row) for row in conn.execute(query)]
+
     def mailbox_status(self, account_id: int, name: str) -> MailboxStatus:
         name = _valid_name(name)
         with self.db.read() as conn:
@@ -219,13 +250,8 @@ class MailboxesMixin:
             counts = conn.execute(
                 select(func.count(), func.count().filter(t.messages.c.uid > box.recent_uid))
                 .where(t.messages.c.mailbox_id == box.id)).one()
-            seen = conn.scalar(
-                select(func.count()).where(and_(
-                    t.messages.c.mailbox_id == box.id,
-                    or_(t.messages.c.flags == "\\Seen",
-                        t.messages.c.flags.like("\\Seen %", escape="!"),
-                        t.messages.c.flags.like("% \\Seen", escape="!"),
-                        t.messages.c.flags.like("% \\Seen %", escape="!")))))
+            seen = conn.scalar(select(func.count()).where(and_(
+                t.messages.c.mailbox_id == box.id, _has_flag("\\Seen"))))
         return MailboxStatus(messages=counts[0], recent=counts[1], uidnext=box.uidnext,
                              uidvalidity=box.uidvalidity, unseen=counts[0] - seen,
                              highestmodseq=box.highestmodseq)

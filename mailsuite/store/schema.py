@@ -42,6 +42,9 @@ domains = Table(
     Column("id", Id, primary_key=True),
     Column("name", String(253), nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("api_id", String(40), nullable=True),  # dom_<ulid>; set on every row
+    Column("verified_at", DateTime(timezone=True), nullable=True),  # its DNS records checked out
+    Index("ix_domains_api_id", "api_id", unique=True),
 )
 
 accounts = Table(
@@ -55,6 +58,9 @@ accounts = Table(
     # The last UIDVALIDITY given to any of its mailboxes: a new one is always larger.
     Column("last_uidvalidity", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("api_id", String(40), nullable=True),  # inb_<ulid>; set on every row
+    Column("display_name", String(200), nullable=True),
+    Index("ix_accounts_api_id", "api_id", unique=True),
 )
 
 mailboxes = Table(

@@ -19,10 +19,11 @@ from pydantic.json_schema import models_json_schema
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from ulid import ULID
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailsuite import apikeys
+from mailsuite.config import Config
+from mailsuite.ids import new_id
 from mailsuite.store import ApiKey, AsyncStore
 from mailsuite.web.models import ErrorResponse
 
@@ -59,9 +60,21 @@ class Call:
 
     request: Any
     store: AsyncStore
+    config: Config
     key: ApiKey | None
     params: dict[str, str]
     query: BaseModel | None = None
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.key is not None and not (self.key.domains or self.key.inboxes)
+
+    def reaches_domain(self, name: str) -> bool:
+        return self.unrestricted or (self.key is not None and name in self.key.domains)
+
+    def reaches_inbox(self, address: str) -> bool:
+        return (self.reaches_domain(address.rpartition("@")[2])
+                or (self.key is not None and address in self.key.inboxes))
 
 
 #: a handler returns a model, or plain JSON data for an operation without a response model
@@ -105,12 +118,12 @@ class Api:
         return register
 
     # --- serving ---------------------------------------------------------------------------
-    def klein(self, store: AsyncStore) -> Klein:
+    def klein(self, store: AsyncStore, config: Config) -> Klein:
         app = Klein()
         for op in self.operations:
             route = re.sub(r"\{(\w+)\}", r"<string:\1>", op.path)
             app.route(route, methods=[op.method], branch=False,
-                      endpoint=op.operation_id)(self._endpoint(op, store))
+                      endpoint=op.operation_id)(self._endpoint(op, store, config))
 
         @app.handle_errors(NotFound)
         def unknown(request: Any, failure: Any) -> bytes:
@@ -122,17 +135,17 @@ class Api:
                                             "this endpoint does not take that method"))
         return app
 
-    def _endpoint(self, op: Operation, store: AsyncStore) -> Callable[..., Any]:
+    def _endpoint(self, op: Operation, store: AsyncStore, config: Config) -> Callable[..., Any]:
         def endpoint(request: Any, **params: str) -> defer.Deferred:
-            return defer.ensureDeferred(self._dispatch(op, store, request, params))
+            return defer.ensureDeferred(self._dispatch(op, store, config, request, params))
         return endpoint
 
-    async def _dispatch(self, op: Operation, store: AsyncStore, request: Any,
+    async def _dispatch(self, op: Operation, store: AsyncStore, config: Config, request: Any,
                         params: dict[str, str]) -> bytes:
         request_id(request)
         try:
             key = await authenticate(request, store, op.scope) if op.scope else None
-            call = Call(request, store, key, params)
+            call = Call(request, store, config, key, params)
             if op.query is not None:
                 call.query = _validate(op.query, _query_args(request), "query")
             args: list[Any] = [call]
@@ -226,7 +239,7 @@ async def authenticate(request: Any, store: AsyncStore, scope: str) -> ApiKey:
 
 
 def new_request_id() -> str:
-    return "req_" + str(ULID()).lower()
+    return new_id("req")
 
 
 def request_id(request: Any) -> str:

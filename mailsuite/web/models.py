@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Body(BaseModel):
@@ -70,3 +71,100 @@ class Me(BaseModel):
     domains: list[str]
     inboxes: list[str]
     expires_at: datetime | None
+
+
+class DnsRecord(BaseModel):
+    type: str
+    name: str
+    value: str = Field(description="the whole value; a long TXT is split into 255-octet "
+                       "strings when published")
+
+
+class DomainCreate(Body):
+    name: str = Field(min_length=1, max_length=253)
+
+
+class DomainSummary(BaseModel):
+    id: str
+    name: str
+    status: Literal["pending", "verified"]
+    created_at: datetime
+    verified_at: datetime | None
+
+
+class Domain(DomainSummary):
+    records: list[DnsRecord]
+
+
+class DomainList(BaseModel):
+    data: list[DomainSummary]
+    next_page_token: str | None
+    has_more: bool
+
+
+class DnsRecordList(BaseModel):
+    data: list[DnsRecord]
+
+
+class DeleteQuery(Body):
+    force: bool = False
+
+
+class InboxCreate(Body):
+    address: str | None = Field(None, max_length=320)
+    local_part: str | None = Field(None, max_length=64)
+    domain: str | None = Field(None, max_length=253)
+    display_name: str | None = Field(None, max_length=200)
+    password: str | None = Field(None, min_length=1, max_length=72,
+                                 description="omit for an inbox reached with API keys only")
+
+    @model_validator(mode="after")
+    def _one_address(self) -> InboxCreate:
+        if (self.address is None) == (self.local_part is None or self.domain is None):
+            raise ValueError("give either address, or local_part and domain")
+        return self
+
+
+class InboxUpdate(Body):
+    display_name: str | None = Field(None, max_length=200)
+    password: str | None = Field(None, min_length=1, max_length=72)
+
+
+class Inbox(BaseModel):
+    id: str
+    address: str
+    display_name: str | None
+    created_at: datetime
+
+
+class Folder(BaseModel):
+    name: str
+    special_use: str | None
+    messages: int
+    unread: int
+    size: int
+
+
+class InboxDetail(Inbox):
+    folders: list[Folder]
+    messages: int
+    unread: int
+    storage_used: int
+
+
+class InboxList(BaseModel):
+    data: list[Inbox]
+    next_page_token: str | None
+    has_more: bool
+
+
+class InboxListQuery(ListQuery):
+    domain: str | None = Field(None, max_length=253)
+
+
+class FolderCreate(Body):
+    name: str = Field(min_length=1, max_length=900)
+
+
+class FolderList(BaseModel):
+    data: list[Folder]

@@ -8,8 +8,9 @@ from typing import Any
 from twisted.web import server
 
 from mailsuite import __version__
+from mailsuite.config import Config
 from mailsuite.store import AsyncStore
-from mailsuite.web import keys
+from mailsuite.web import domains, inboxes, keys
 from mailsuite.web.api import Api, ApiError, Call, new_request_id
 from mailsuite.web.models import Health
 
@@ -32,6 +33,8 @@ def build_api() -> Api:
         return document
 
     keys.register(api)
+    domains.register(api)
+    inboxes.register(api)
     document = api.openapi()
     return api
 
@@ -72,9 +75,9 @@ class LimitedRequest(server.Request):
         self.channel.transport.loseConnection()
 
 
-def make_site(store: AsyncStore, max_body: int) -> server.Site:
-    app = build_api().klein(store)
-    request_class = type("Request", (LimitedRequest,), {"max_body": max_body})
+def make_site(store: AsyncStore, config: Config) -> server.Site:
+    app = build_api().klein(store, config)
+    request_class = type("Request", (LimitedRequest,), {"max_body": config.api.max_body})
     # twisted.web keeps an idle connection 12 hours by default; a minute is plenty for an API.
     site = server.Site(app.resource(), requestFactory=request_class, timeout=60)
     site.displayTracebacks = False

@@ -1,0 +1,101 @@
+"""Domains over the API: the same domains, DKIM keys and DNS records as `mailsuite domain`."""
+
+from __future__ import annotations
+
+from twisted.internet import threads
+
+from mailsuite import dkim
+from mailsuite.addresses import AddressError
+from mailsuite.store import Conflict, DomainRow, InUse, NotFound
+from mailsuite.web.api import Api, ApiError, Call, not_found
+from mailsuite.web.models import (
+    DeleteQuery,
+    DnsRecord,
+    DnsRecordList,
+    Domain,
+    DomainCreate,
+    DomainList,
+    DomainSummary,
+    ListQuery,
+)
+
+
+def _summary(row: DomainRow) -> DomainSummary:
+    return DomainSummary(id=row.api_id, name=row.name, created_at=row.created_at,
+                         verified_at=row.verified_at,
+                         status="verified" if row.verified_at else "pending")
+
+
+async def _records(call: Call, name: str) -> list[DnsRecord]:
+    keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
+            for k in await call.store.dkim_keys(name)]
+    # Deriving a public key loads the private PEM: CPU work, kept off the reactor.
+    records = await threads.deferToThread(dkim.dns_records, name, call.config.server.hostname,
+                                          keys)
+    return [DnsRecord(type=rtype, name=owner, value=value) for owner, rtype, value in records]
+
+
+async def _reached(call: Call, ref: str) -> DomainRow:
+    row = await call.store.domain_find(ref)
+    if row is None or not call.reaches_domain(row.name):
+        raise not_found("domain")
+    return row
+
+
+def register(api: Api) -> None:
+    @api.operation("POST", "/v1/domains", scope="domains:write", status=201, body=DomainCreate,
+                   response=Domain, tag="domains", errors={409: "the domain exists already"},
+                   summary="Add a domain with its DKIM key; returns the records to publish")
+    async def create_domain(call: Call, body: DomainCreate) -> Domain:
+        if not call.unrestricted:
+            raise ApiError(403, "forbidden", "a key restricted to domains or inboxes cannot "
+                           "add a domain")
+        config = call.config.dkim
+        keys = await threads.deferToThread(dkim.new_domain_keys, body.name.strip().lower(),
+                                           config.rsa_bits, config.ed25519)
+        try:
+            row = await call.store.domain_add(
+                body.name, [(k.selector, k.algorithm, k.private_key) for k in keys])
+        except AddressError as exc:
+            raise ApiError(400, "invalid_body", str(exc), "name") from None
+        except Conflict as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        return Domain(**_summary(row).model_dump(), records=await _records(call, row.name))
+
+    @api.operation("GET", "/v1/domains", scope="domains:read", query=ListQuery,
+                   response=DomainList, summary="List domains", tag="domains")
+    async def list_domains(call: Call) -> DomainList:
+        assert isinstance(call.query, ListQuery) and call.key is not None
+        names = None if call.unrestricted else list(call.key.domains)
+        rows = await call.store.domain_page(call.query.page_token, call.query.limit + 1, names)
+        page = rows[:call.query.limit]
+        more = len(rows) > call.query.limit
+        return DomainList(data=[_summary(r) for r in page], has_more=more,
+                          next_page_token=page[-1].api_id if more else None)
+
+    @api.operation("GET", "/v1/domains/{domain}", scope="domains:read", response=Domain,
+                   summary="One domain, by id or name, with its records", tag="domains")
+    async def get_domain(call: Call) -> Domain:
+        row = await _reached(call, call.params["domain"])
+        return Domain(**_summary(row).model_dump(), records=await _records(call, row.name))
+
+    @api.operation("GET", "/v1/domains/{domain}/records", scope="domains:read",
+                   response=DnsRecordList, tag="domains",
+                   summary="The DNS records to publish: MX, SPF, DKIM and DMARC")
+    async def get_domain_records(call: Call) -> DnsRecordList:
+        row = await _reached(call, call.params["domain"])
+        return DnsRecordList(data=await _records(call, row.name))
+
+    @api.operation("DELETE", "/v1/domains/{domain}", scope="domains:write", status=204,
+                   query=DeleteQuery, tag="domains",
+                   errors={409: "the domain has inboxes (force=true removes them and their mail)"},
+                   summary="Remove a domain")
+    async def delete_domain(call: Call) -> None:
+        assert isinstance(call.query, DeleteQuery)
+        row = await _reached(call, call.params["domain"])
+        try:
+            await call.store.domain_remove(row.name, force=call.query.force)
+        except InUse as exc:
+            raise ApiError(409, "conflict", str(exc).replace("--force", "force=true")) from None
+        except NotFound:
+            raise not_found("domain") from None
