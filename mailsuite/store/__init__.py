@@ -25,6 +25,7 @@ from mailsuite.store.directory import (
 from mailsuite.store.engine import Database
 from mailsuite.store.errors import Conflict, InUse, NotFound, StoreError
 from mailsuite.store.events import Event, EventsMixin
+from mailsuite.store.idempotency import Idempotency, IdempotencyMixin
 from mailsuite.store.locks import LocksMixin
 from mailsuite.store.mail import (
     Delivered,
@@ -58,6 +59,7 @@ from mailsuite.store.senders import SenderIdentities, SendersMixin, SigningKey
 __all__ = [
     "AccountRow", "ApiKey", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event",
     "FetchRow", "InUse", "DomainRow", "InboxRow", "MailboxUsage", "NO_PASSWORD",
+    "Idempotency",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
     "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Settlement", "Submission",
@@ -66,7 +68,7 @@ __all__ = [
 
 
 class Store(DirectoryMixin, MailMixin, MailboxesMixin, EventsMixin, LocksMixin, QueueMixin,
-            SendersMixin, ApiKeysMixin):
+            SendersMixin, ApiKeysMixin, IdempotencyMixin):
     def __init__(self, db: Database) -> None:
         self.db = db
 

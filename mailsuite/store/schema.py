@@ -237,3 +237,15 @@ api_keys = Table(
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
 )
+
+# Idempotency-Key answers of the HTTP API, per API key, replayed for 24 hours.
+idempotency = Table(
+    "idempotency",
+    metadata,
+    Column("api_key_id", String(40), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # SHA-256 of method, path and body
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("status", Integer, nullable=True),  # None while the first request runs
+    Column("body", LargeBinary, nullable=True),
+)

@@ -7,6 +7,7 @@ Everything else that goes wrong is a 500 with a request id, never a traceback to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,6 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mailsuite import apikeys
@@ -99,6 +99,11 @@ class Operation:
     def operation_id(self) -> str:
         return self.handler.__name__
 
+    @property
+    def idempotent(self) -> bool:
+        """Every POST (they create or send) takes an Idempotency-Key."""
+        return self.method == "POST" and self.scope is not None
+
 
 @dataclass
 class Api:
@@ -145,7 +150,23 @@ class Api:
         request_id(request)
         try:
             key = await authenticate(request, store, op.scope) if op.scope else None
-            call = Call(request, store, config, key, params)
+        except ApiError as refusal:
+            return _error(request, refusal)
+        idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
+        if key is None or idempotency_key is None:
+            status, body = await self._run(op, Call(request, store, config, key, params))
+        else:
+            status, body = await self._run_once(op, Call(request, store, config, key, params),
+                                                idempotency_key)
+        request.setResponseCode(status)
+        if body:
+            request.setHeader("Content-Type", "application/json")
+        return body
+
+    async def _run(self, op: Operation, call: Call) -> tuple[int, bytes]:
+        """The operation's (status, JSON body); refusals and failures as JSON errors."""
+        request = call.request
+        try:
             if op.query is not None:
                 call.query = _validate(op.query, _query_args(request), "query")
             args: list[Any] = [call]
@@ -153,18 +174,43 @@ class Api:
                 args.append(_validate(op.body, _json_body(request), "body"))
             result = await op.handler(*args)
         except ApiError as refusal:
-            return _error(request, refusal)
+            return refusal.status, _error_body(request, refusal)
         except Exception:
             log.failure("{method} {path} failed (request {id})", method=op.method,
                         path=op.path, id=request_id(request))
-            return _error(request, ApiError(500, "internal_error",
-                                            "the server failed; the request id names it"))
-        request.setResponseCode(op.status)
+            return 500, _error_body(request, ApiError(
+                500, "internal_error", "the server failed; the request id names it"))
         if result is None:
-            return b""
-        if isinstance(result, BaseModel):
-            return _json(request, result.model_dump(mode="json"))
-        return _json(request, result)
+            return op.status, b""
+        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        return op.status, json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+    async def _run_once(self, op: Operation, call: Call, idempotency_key: str
+                        ) -> tuple[int, bytes]:
+        """Run under an Idempotency-Key: a repeat with the same body gets the stored answer."""
+        assert call.key is not None
+        request = call.request
+        if not 0 < len(idempotency_key) <= 255:
+            return 400, _error_body(request, ApiError(
+                400, "invalid_request", "Idempotency-Key must be 1 to 255 characters"))
+        request.content.seek(0)
+        fingerprint = hashlib.sha256(b"\0".join(
+            (op.method.encode(), request.path, request.content.read()))).hexdigest()
+        begun = await call.store.idempotency_begin(call.key.id, idempotency_key, fingerprint)
+        if begun.outcome == "replay":
+            request.setHeader("Idempotent-Replayed", "true")
+            return begun.status, begun.body
+        if begun.outcome == "mismatch":
+            return 409, _error_body(request, ApiError(
+                409, "idempotency_mismatch", "this Idempotency-Key was used with another "
+                "request"))
+        if begun.outcome == "in_progress":
+            return 409, _error_body(request, ApiError(
+                409, "idempotency_in_progress", "a request with this Idempotency-Key is "
+                "still running"))
+        status, body = await self._run(op, call)
+        await call.store.idempotency_finish(call.key.id, idempotency_key, status, body)
+        return status, body
 
     # --- the document ------------------------------------------------------------------------
     def openapi(self) -> dict[str, Any]:
@@ -208,6 +254,10 @@ class Api:
                 parameters.append({"name": name, "in": "query",
                                    "required": name in schema.get("required", []),
                                    "schema": prop})
+        if op.idempotent:
+            parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                               "schema": {"type": "string", "maxLength": 255},
+                               "description": "a repeat within 24 h gets the first answer"})
         if parameters:
             doc["parameters"] = parameters
         if op.body is not None:
@@ -221,6 +271,12 @@ class Api:
                 doc["responses"][status] = {"description": text, **error}
         for status, text in op.errors.items():
             doc["responses"][str(status)] = {"description": text, **error}
+        if op.idempotent:
+            earlier = doc["responses"].get("409", {}).get("description")
+            doc["responses"]["409"] = {"description": (f"{earlier}; or " if earlier else "") +
+                                       "the Idempotency-Key was used with another request "
+                                       "(idempotency_mismatch) or its first request still runs "
+                                       "(idempotency_in_progress)", **error}
         doc["responses"].setdefault("500", {"description": "server failure", **error})
         return doc
 
@@ -252,18 +308,18 @@ def request_id(request: Any) -> str:
     return existing
 
 
-def _json(request: IRequest, value: Any) -> bytes:
-    request.setHeader("Content-Type", "application/json")
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
-
-
-def _error(request: Any, refusal: ApiError) -> bytes:
-    request.setResponseCode(refusal.status)
+def _error_body(request: Any, refusal: ApiError) -> bytes:
     error: dict[str, Any] = {"code": refusal.code, "message": refusal.message,
                              "request_id": request_id(request)}
     if refusal.param is not None:
         error["param"] = refusal.param
-    return _json(request, {"error": error})
+    return json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
+
+
+def _error(request: Any, refusal: ApiError) -> bytes:
+    request.setResponseCode(refusal.status)
+    request.setHeader("Content-Type", "application/json")
+    return _error_body(request, refusal)
 
 
 def _json_body(request: Any) -> Any:
