@@ -144,6 +144,7 @@ class AuthConfig:
 @dataclass(frozen=True)
 class APIConfig:
     max_body: int = 36700160  # 35 MiB: a 25 MiB message as base64 JSON, with room
+    rate_limit: int = 600  # requests a minute per API key, per process; 0: no limit
 
 
 @dataclass(frozen=True)

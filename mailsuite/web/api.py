@@ -26,6 +26,7 @@ from mailsuite.config import Config
 from mailsuite.ids import new_id
 from mailsuite.store import ApiKey, AsyncStore
 from mailsuite.web.models import ErrorResponse
+from mailsuite.web.ratelimit import RateLimiter
 
 log = Logger(namespace="mailsuite.web")
 #: the scope of operations any valid key may call
@@ -35,6 +36,7 @@ ANY_KEY = "*"
 _ERRORS = {
     "400": "malformed request", "401": "missing, unknown, revoked or expired key",
     "403": "the key lacks the scope", "404": "no such resource within the key's reach",
+    "429": "too many requests for this key (Retry-After says when to retry)",
     "413": "body over the limit", "415": "body is not JSON",
 }
 
@@ -125,10 +127,11 @@ class Api:
     # --- serving ---------------------------------------------------------------------------
     def klein(self, store: AsyncStore, config: Config) -> Klein:
         app = Klein()
+        limiter = RateLimiter(config.api.rate_limit) if config.api.rate_limit else None
         for op in self.operations:
             route = re.sub(r"\{(\w+)\}", r"<string:\1>", op.path)
             app.route(route, methods=[op.method], branch=False,
-                      endpoint=op.operation_id)(self._endpoint(op, store, config))
+                      endpoint=op.operation_id)(self._endpoint(op, store, config, limiter))
 
         @app.handle_errors(NotFound)
         def unknown(request: Any, failure: Any) -> bytes:
@@ -140,16 +143,21 @@ class Api:
                                             "this endpoint does not take that method"))
         return app
 
-    def _endpoint(self, op: Operation, store: AsyncStore, config: Config) -> Callable[..., Any]:
+    def _endpoint(self, op: Operation, store: AsyncStore, config: Config,
+                  limiter: RateLimiter | None) -> Callable[..., Any]:
         def endpoint(request: Any, **params: str) -> defer.Deferred:
-            return defer.ensureDeferred(self._dispatch(op, store, config, request, params))
+            return defer.ensureDeferred(self._dispatch(op, store, config, limiter, request,
+                                                       params))
         return endpoint
 
-    async def _dispatch(self, op: Operation, store: AsyncStore, config: Config, request: Any,
+    async def _dispatch(self, op: Operation, store: AsyncStore, config: Config,
+                        limiter: RateLimiter | None, request: Any,
                         params: dict[str, str]) -> bytes:
         request_id(request)
         try:
             key = await authenticate(request, store, op.scope) if op.scope else None
+            if key is not None and limiter is not None:
+                _limit(request, limiter, key.id)
         except ApiError as refusal:
             return _error(request, refusal)
         idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
@@ -292,6 +300,17 @@ async def authenticate(request: Any, store: AsyncStore, scope: str) -> ApiKey:
     if scope != ANY_KEY and not apikeys.grants(key.scopes, scope):
         raise ApiError(403, "forbidden", f"this key lacks the scope {scope}")
     return key
+
+
+def _limit(request: Any, limiter: RateLimiter, key_id: str) -> None:
+    verdict = limiter.take(key_id)
+    request.setHeader("RateLimit-Limit", str(verdict.limit))
+    request.setHeader("RateLimit-Remaining", str(verdict.remaining))
+    request.setHeader("RateLimit-Reset", str(verdict.reset))
+    if not verdict.allowed:
+        request.setHeader("Retry-After", str(verdict.retry_after))
+        raise ApiError(429, "rate_limited", f"over {verdict.limit} requests a minute for this "
+                       f"key; retry in {verdict.retry_after} s")
 
 
 def new_request_id() -> str:
