@@ -17,6 +17,7 @@ from mailsuite.store.apikeys import ApiKey, ApiKeysMixin
 from mailsuite.store.directory import (
     NO_PASSWORD,
     AccountRow,
+    AliasRow,
     DirectoryMixin,
     DomainRow,
     InboxRow,
@@ -59,7 +60,7 @@ from mailsuite.store.senders import SenderIdentities, SendersMixin, SigningKey
 __all__ = [
     "AccountRow", "ApiKey", "AsyncStore", "Conflict", "Delivered", "Delivery", "Event",
     "FetchRow", "InUse", "DomainRow", "InboxRow", "MailboxUsage", "NO_PASSWORD",
-    "Idempotency",
+    "Idempotency", "AliasRow",
     "Listing", "MailboxChanges", "MailboxInfo", "MailboxSnapshot", "MailboxStatus",
     "NotFound", "Resolution", "Store", "StoreError", "StoredMessage", "open_store",
     "Job", "Outbound", "Outcome", "QueuedRecipient", "QueueEntry", "Settlement", "Submission",

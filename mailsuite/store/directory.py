@@ -60,6 +60,13 @@ class InboxRow:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class AliasRow:
+    api_id: str
+    source: str  # local@domain, or @domain for a catch-all
+    destinations: tuple[str, ...]
+
+
 #: the password hash of an account made without a password: no password ever matches it
 NO_PASSWORD = "!"
 
@@ -248,8 +255,9 @@ class DirectoryMixin:
             self._delete_account(conn, account_id)
 
     # --- aliases -------------------------------------------------------------------------
-    def alias_add(self, source: str, destinations: list[str]) -> None:
-        """source is local@domain or @domain (catch-all); destinations are any addresses."""
+    def alias_add(self, source: str, destinations: list[str]) -> AliasRow:
+        """source is local@domain or @domain (catch-all); destinations are any addresses.
+        An existing alias gets the new destinations and keeps its id."""
         source_key, domain = self._alias_source(source)
         dests = sorted({parse_account_address(d).normal for d in destinations})
         if not dests:
@@ -264,9 +272,44 @@ class DirectoryMixin:
             new = [d for d in dests if d not in existing]
             if not new:
                 raise Conflict(f"alias {source_key} already has those destinations")
+            api_id = conn.scalar(select(t.aliases.c.api_id).where(
+                t.aliases.c.source == source_key).limit(1)) or new_id("ali")
             conn.execute(insert(t.aliases), [
-                {"domain_id": domain_id, "source": source_key, "destination": d} for d in new
+                {"domain_id": domain_id, "source": source_key, "destination": d,
+                 "api_id": api_id} for d in new
             ])
+            return AliasRow(api_id, source_key, tuple(sorted(existing.union(new))))
+
+    def alias_find(self, ref: str) -> AliasRow | None:
+        """An alias by its API id (ali_...) or its source."""
+        if ref.startswith("ali_"):
+            where = t.aliases.c.api_id == ref.lower()
+        else:
+            where = t.aliases.c.source == ref.strip().lower()
+        rows = self._alias_rows(where, None)
+        return rows[0] if rows else None
+
+    def alias_page(self, after: str | None, limit: int,
+                   domains: Sequence[str] | None = None) -> list[AliasRow]:
+        """Aliases by API id after `after`; only those of `domains` when given."""
+        ids = select(t.aliases.c.api_id).distinct().order_by(t.aliases.c.api_id).limit(limit)
+        if after:
+            ids = ids.where(t.aliases.c.api_id > after)
+        if domains is not None:
+            ids = ids.where(t.aliases.c.domain_id.in_(
+                select(t.domains.c.id).where(t.domains.c.name.in_(domains))))
+        return self._alias_rows(t.aliases.c.api_id.in_(ids.scalar_subquery()), limit)
+
+    def _alias_rows(self, where: Any, limit: int | None) -> list[AliasRow]:
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.aliases.c.api_id, t.aliases.c.source,
+                                       t.aliases.c.destination).where(where)
+                                .order_by(t.aliases.c.api_id, t.aliases.c.destination)).all()
+        grouped: dict[str, AliasRow] = {}
+        for api_id, source, destination in rows:
+            row = grouped.get(api_id) or AliasRow(api_id, source, ())
+            grouped[api_id] = AliasRow(api_id, source, (*row.destinations, destination))
+        return list(grouped.values())[:limit]
 
     def alias_list(self) -> list[tuple[str, list[str]]]:
         with self.db.read() as conn:

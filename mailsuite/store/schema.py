@@ -122,8 +122,10 @@ aliases = Table(
     Column("domain_id", Id, ForeignKey("domains.id", ondelete="CASCADE"), nullable=False),
     Column("source", String(320), nullable=False),  # "local@domain", or "@domain" for a catch-all
     Column("destination", String(320), nullable=False),
+    Column("api_id", String(40), nullable=True),  # ali_<ulid>, shared by a source's rows
     UniqueConstraint("source", "destination", name="uq_aliases_source_destination"),
     Index("ix_aliases_source", "source"),
+    Index("ix_aliases_api_id", "api_id"),
 )
 
 events = Table(

@@ -168,3 +168,21 @@ class FolderCreate(Body):
 
 class FolderList(BaseModel):
     data: list[Folder]
+
+
+class AliasCreate(Body):
+    source: str = Field(min_length=3, max_length=320,
+                        description="local@domain, or @domain for a catch-all")
+    destinations: list[str] = Field(min_length=1, max_length=100)
+
+
+class Alias(BaseModel):
+    id: str
+    source: str
+    destinations: list[str]
+
+
+class AliasList(BaseModel):
+    data: list[Alias]
+    next_page_token: str | None
+    has_more: bool

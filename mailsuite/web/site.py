@@ -10,7 +10,7 @@ from twisted.web import server
 from mailsuite import __version__
 from mailsuite.config import Config
 from mailsuite.store import AsyncStore
-from mailsuite.web import domains, inboxes, keys
+from mailsuite.web import aliases, domains, inboxes, keys
 from mailsuite.web.api import Api, ApiError, Call, new_request_id
 from mailsuite.web.models import Health
 
@@ -35,6 +35,7 @@ def build_api() -> Api:
     keys.register(api)
     domains.register(api)
     inboxes.register(api)
+    aliases.register(api)
     document = api.openapi()
     return api
 

@@ -22,7 +22,7 @@ def upgrade(db: Database, revision: str) -> None:
         conn.commit()
 
 
-def test_0007_gives_existing_domains_and_accounts_ids_in_creation_order(db_url: str) -> None:
+def test_0007_gives_existing_domains_accounts_and_aliases_ids(db_url: str) -> None:
     db = Database(db_url, pool_size=2)
     upgrade(db, "0006")
     early = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -34,6 +34,10 @@ def test_0007_gives_existing_domains_and_accounts_ids_in_creation_order(db_url: 
         conn.execute(text("INSERT INTO accounts (domain_id, address, password_hash, "
                           "last_uidvalidity, created_at) VALUES (:d, 'old@earlier.test', "
                           "'!', 0, :c)"), {"d": domain_id, "c": early})
+        for destination in ("old@earlier.test", "out@elsewhere.test"):
+            conn.execute(text("INSERT INTO aliases (domain_id, source, destination) VALUES "
+                              "(:d, 'team@earlier.test', :dest)"),
+                         {"d": domain_id, "dest": destination})
     db.dispose()
 
     store = open_store(db_url, pool_size=2)
@@ -46,5 +50,9 @@ def test_0007_gives_existing_domains_and_accounts_ids_in_creation_order(db_url: 
         assert inbox is not None and inbox.api_id.startswith("inb_")
         assert store.inbox_find(inbox.api_id) == inbox
         assert store.domain_add("new.test").api_id > later.api_id
+        alias = store.alias_find("team@earlier.test")
+        assert alias is not None and alias.api_id.startswith("ali_")
+        assert alias.destinations == ("old@earlier.test", "out@elsewhere.test")
+        assert store.alias_find(alias.api_id) == alias
     finally:
         store.close()

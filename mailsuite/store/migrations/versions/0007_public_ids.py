@@ -1,5 +1,5 @@
-"""Public ids for domains and accounts (the API's dom_ and inb_ ids), display names, and when a
-domain's DNS records were verified.
+"""Public ids for domains, accounts and aliases (the API's dom_, inb_ and ali_ ids), display
+names, and when a domain's DNS records were verified.
 
 Revision ID: 0007
 Revises: 0006
@@ -23,6 +23,7 @@ def upgrade() -> None:
     op.add_column("domains", sa.Column("verified_at", sa.DateTime(timezone=True), nullable=True))
     op.add_column("accounts", sa.Column("api_id", sa.String(40), nullable=True))
     op.add_column("accounts", sa.Column("display_name", sa.String(200), nullable=True))
+    op.add_column("aliases", sa.Column("api_id", sa.String(40), nullable=True))
     conn = op.get_bind()
     # Existing rows get ids from their creation time, so the API's order is creation order.
     for table, prefix in (("domains", "dom"), ("accounts", "inb")):
@@ -32,14 +33,21 @@ def upgrade() -> None:
             when = datetime.fromisoformat(created_at) if isinstance(created_at, str) else created_at
             conn.execute(sa.text(f"UPDATE {table} SET api_id = :api_id WHERE id = :id"),
                          {"api_id": new_id(prefix, when), "id": row_id})
+    # An alias is its source: every destination row of one source shares its id.
+    for (source,) in conn.execute(sa.text("SELECT DISTINCT source FROM aliases")).all():
+        conn.execute(sa.text("UPDATE aliases SET api_id = :api_id WHERE source = :source"),
+                     {"api_id": new_id("ali"), "source": source})
     op.create_index("ix_domains_api_id", "domains", ["api_id"], unique=True)
     op.create_index("ix_accounts_api_id", "accounts", ["api_id"], unique=True)
+    op.create_index("ix_aliases_api_id", "aliases", ["api_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_aliases_api_id", "aliases")
     op.drop_index("ix_accounts_api_id", "accounts")
     op.drop_index("ix_domains_api_id", "domains")
-    for table, column in (("accounts", "display_name"), ("accounts", "api_id"),
+    for table, column in (("aliases", "api_id"), ("accounts", "display_name"),
+                          ("accounts", "api_id"),
                           ("domains", "verified_at"), ("domains", "api_id")):
         with op.batch_alter_table(table) as batch:
             batch.drop_column(column)
