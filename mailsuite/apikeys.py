@@ -10,19 +10,16 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 from mailsuite.ids import new_id
 
 SECRET_PREFIX = "ms_"
 #: what a key may do; "admin" covers everything
-SCOPES = frozenset({
-    "admin",
-    "domains:read", "domains:write",
-    "inboxes:read", "inboxes:write",
-    "messages:read", "messages:send", "messages:write",
-    "threads:read", "threads:write",
-    "keys:read", "keys:write",
-})
+Scope = Literal["admin", "domains:read", "domains:write", "inboxes:read", "inboxes:write",
+                "messages:read", "messages:send", "messages:write", "threads:read",
+                "threads:write", "keys:read", "keys:write"]
+SCOPES = frozenset(get_args(Scope))
 
 
 def new_secret() -> str:

@@ -76,7 +76,8 @@ class ApiKeysMixin:
                 id=key_id, name=name, prefix=apikeys.display_prefix(secret),
                 secret_sha256=apikeys.secret_hash(secret), scopes=" ".join(chosen),
                 domains=" ".join(domain_names), inboxes=" ".join(addresses),
-                created_at=datetime.now(UTC), expires_at=expires_at))
+                created_at=datetime.now(UTC),
+                expires_at=expires_at.astimezone(UTC) if expires_at else None))
             row = conn.execute(select(t.api_keys).where(t.api_keys.c.id == key_id)).one()
         return _key(row), secret
 

@@ -231,6 +231,8 @@ class Api:
         paths: dict[str, dict[str, Any]] = {}
         for op in self.operations:
             paths.setdefault(op.path, {})[op.method.lower()] = self._describe(op)
+            if op.method == "POST" and op.status == 201:
+                self._link_created(op, paths[op.path]["post"])
         return {
             "openapi": "3.1.0",
             "info": {"title": self.title, "version": self.version},
@@ -242,6 +244,19 @@ class Api:
                     "description": f"an API key: {apikeys.SECRET_PREFIX}..."}},
             },
         }
+
+    def _link_created(self, op: Operation, doc: dict[str, Any]) -> None:
+        """OpenAPI links from a create to the operations on what it made (POST /v1/inboxes ->
+        GET /v1/inboxes/{inbox}, ...): they tell clients and test generators how ids flow."""
+        links = {}
+        for other in self.operations:
+            found = re.fullmatch(re.escape(op.path) + r"/\{(\w+)\}(/.*)?", other.path)
+            if found:
+                links[other.operation_id] = {
+                    "operationId": other.operation_id,
+                    "parameters": {found.group(1): "$response.body#/id"}}
+        if links:
+            doc["responses"]["201"]["links"] = links
 
     def _describe(self, op: Operation) -> dict[str, Any]:
         def ref(model: type[BaseModel]) -> dict[str, Any]:

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from mailsuite.apikeys import Scope
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+#: a time with its zone, as RFC 3339 asks; stored and answered in UTC
+UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
 
 
 class Body(BaseModel):
@@ -36,10 +53,10 @@ class Health(BaseModel):
 
 class ApiKeyCreate(Body):
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[str] = Field(min_length=1, max_length=20)
+    scopes: list[Scope] = Field(min_length=1, max_length=20)
     domains: list[str] = Field(default_factory=list, max_length=100)
     inboxes: list[str] = Field(default_factory=list, max_length=100)
-    expires_at: datetime | None = None
+    expires_at: UtcTime | None = None
 
 
 class ApiKeyOut(BaseModel):
