@@ -43,6 +43,7 @@ class ListenConfig:
     submission: str = "tcp:1587:interface=127.0.0.1"
     submissions: str = "tcp:1465:interface=127.0.0.1"
     http: str = "tcp:8080:interface=127.0.0.1"
+    metrics: str = ""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from mailsuite.smtp.submission import SubmissionContext, SubmissionFactory
 from mailsuite.store import AsyncStore, Store, open_store
 from mailsuite.store.batcher import Batcher
 from mailsuite.tls import server_context
-from mailsuite.web.site import make_site
+from mailsuite.web.site import make_metrics_site, make_site
 
 log = Logger(namespace="mailsuite")
 
@@ -177,6 +177,7 @@ class MailsuiteService(service.MultiService):
                    IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
                                imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
         listen("http", config.listen.http, make_site(async_store, config))
+        listen("metrics", config.listen.metrics, make_metrics_site(async_store))
         ReadyService(listeners).setServiceParent(self)
         log.info("mailsuite configured: store={backend}",
                  backend="sqlite" if store.db.is_sqlite else "postgresql")

@@ -303,6 +303,11 @@ class QueueMixin:
         return [QueueEntry(row.queue_id, _utc(row.created_at), row.kind, row.sender, row.size,
                            tuple(rcpts)) for row, rcpts in entries.values()]
 
+    def queue_depth(self) -> dict[str, int]:
+        """Recipients waiting in the queue, by state (queued, deferred)."""
+        with self.db.read() as conn:
+            return dict(conn.execute(select(r.c.state, func.count()).group_by(r.c.state)).all())
+
     def queue_message(self, queue_id: str) -> bytes | None:
         with self.db.read() as conn:
             return conn.scalar(select(o.c.data).where(o.c.queue_id == queue_id.upper()))

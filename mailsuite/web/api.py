@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from mailsuite import apikeys
+from mailsuite import apikeys, metrics
 from mailsuite.config import Config
 from mailsuite.ids import new_id
 from mailsuite.store import ApiKey, AsyncStore
@@ -29,6 +30,7 @@ from mailsuite.web.models import ErrorResponse
 from mailsuite.web.ratelimit import RateLimiter
 
 log = Logger(namespace="mailsuite.web")
+JSON = "application/json"
 #: the scope of operations any valid key may call
 ANY_KEY = "*"
 
@@ -79,8 +81,16 @@ class Call:
                 or (self.key is not None and address in self.key.inboxes))
 
 
-#: a handler returns a model, or plain JSON data for an operation without a response model
-Handler = Callable[..., Awaitable[BaseModel | dict[str, Any] | None]]
+@dataclass(frozen=True)
+class Raw:
+    """A result that is not JSON: its bytes and media type."""
+
+    body: bytes
+    content_type: str
+
+
+#: a handler returns a model, plain JSON data for an operation without a response model, or Raw
+Handler = Callable[..., Awaitable[BaseModel | dict[str, Any] | Raw | None]]
 
 
 @dataclass
@@ -96,6 +106,7 @@ class Operation:
     response: type[BaseModel] | None
     tag: str
     errors: dict[int, str]  # refusals of this operation beyond the common ones
+    media: str | None  # the media type of a Raw answer
 
     @property
     def operation_id(self) -> str:
@@ -117,10 +128,11 @@ class Api:
                   status: int = 200, body: type[BaseModel] | None = None,
                   query: type[BaseModel] | None = None,
                   response: type[BaseModel] | None = None, tag: str = "api",
-                  errors: dict[int, str] | None = None) -> Callable[[Handler], Handler]:
+                  errors: dict[int, str] | None = None,
+                  media: str | None = None) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.operations.append(Operation(method, path, handler, scope, summary, status,
-                                             body, query, response, tag, errors or {}))
+                                             body, query, response, tag, errors or {}, media))
             return handler
         return register
 
@@ -135,12 +147,12 @@ class Api:
 
         @app.handle_errors(NotFound)
         def unknown(request: Any, failure: Any) -> bytes:
-            return _error(request, ApiError(404, "not_found", "no such endpoint"))
+            return _unmatched(request, ApiError(404, "not_found", "no such endpoint"))
 
         @app.handle_errors(MethodNotAllowed)
         def wrong_method(request: Any, failure: Any) -> bytes:
-            return _error(request, ApiError(405, "method_not_allowed",
-                                            "this endpoint does not take that method"))
+            return _unmatched(request, ApiError(405, "method_not_allowed",
+                                                "this endpoint does not take that method"))
         return app
 
     def _endpoint(self, op: Operation, store: AsyncStore, config: Config,
@@ -154,25 +166,30 @@ class Api:
                         limiter: RateLimiter | None, request: Any,
                         params: dict[str, str]) -> bytes:
         request_id(request)
+        started = time.monotonic()
         try:
             key = await authenticate(request, store, op.scope) if op.scope else None
             if key is not None and limiter is not None:
                 _limit(request, limiter, key.id)
         except ApiError as refusal:
-            return _error(request, refusal)
-        idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
-        if key is None or idempotency_key is None:
-            status, body = await self._run(op, Call(request, store, config, key, params))
+            status, body, content_type = refusal.status, _error_body(request, refusal), JSON
         else:
-            status, body = await self._run_once(op, Call(request, store, config, key, params),
-                                                idempotency_key)
+            call = Call(request, store, config, key, params)
+            idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
+            if key is None or idempotency_key is None:
+                status, body, content_type = await self._run(op, call)
+            else:
+                status, body = await self._run_once(op, call, idempotency_key)
+                content_type = JSON
         request.setResponseCode(status)
         if body:
-            request.setHeader("Content-Type", "application/json")
+            request.setHeader("Content-Type", content_type)
+        metrics.HTTP_REQUESTS.labels(op.path, op.method, str(status)).inc()
+        metrics.HTTP_SECONDS.labels(op.path, op.method).observe(time.monotonic() - started)
         return body
 
-    async def _run(self, op: Operation, call: Call) -> tuple[int, bytes]:
-        """The operation's (status, JSON body); refusals and failures as JSON errors."""
+    async def _run(self, op: Operation, call: Call) -> tuple[int, bytes, str]:
+        """The operation's (status, body, media type); refusals and failures as JSON errors."""
         request = call.request
         try:
             if op.query is not None:
@@ -182,16 +199,18 @@ class Api:
                 args.append(_validate(op.body, _json_body(request), "body"))
             result = await op.handler(*args)
         except ApiError as refusal:
-            return refusal.status, _error_body(request, refusal)
+            return refusal.status, _error_body(request, refusal), JSON
         except Exception:
             log.failure("{method} {path} failed (request {id})", method=op.method,
                         path=op.path, id=request_id(request))
             return 500, _error_body(request, ApiError(
-                500, "internal_error", "the server failed; the request id names it"))
+                500, "internal_error", "the server failed; the request id names it")), JSON
         if result is None:
-            return op.status, b""
+            return op.status, b"", JSON
+        if isinstance(result, Raw):
+            return op.status, result.body, result.content_type
         data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-        return op.status, json.dumps(data, separators=(",", ":")).encode("utf-8")
+        return op.status, json.dumps(data, separators=(",", ":")).encode("utf-8"), JSON
 
     async def _run_once(self, op: Operation, call: Call, idempotency_key: str
                         ) -> tuple[int, bytes]:
@@ -216,7 +235,7 @@ class Api:
             return 409, _error_body(request, ApiError(
                 409, "idempotency_in_progress", "a request with this Idempotency-Key is "
                 "still running"))
-        status, body = await self._run(op, call)
+        status, body, _ = await self._run(op, call)
         await call.store.idempotency_finish(call.key.id, idempotency_key, status, body)
         return status, body
 
@@ -266,6 +285,8 @@ class Api:
         ok: dict[str, Any] = {"description": op.summary}
         if op.response is not None:
             ok["content"] = {"application/json": {"schema": ref(op.response)}}
+        elif op.media is not None:
+            ok["content"] = {op.media: {"schema": {"type": "string"}}}
         doc: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary,
                                "tags": [op.tag], "responses": {str(op.status): ok}}
         parameters = [{"name": name, "in": "path", "required": True,
@@ -348,6 +369,12 @@ def _error_body(request: Any, refusal: ApiError) -> bytes:
     if refusal.param is not None:
         error["param"] = refusal.param
     return json.dumps({"error": error}, separators=(",", ":")).encode("utf-8")
+
+
+def _unmatched(request: Any, refusal: ApiError) -> bytes:
+    """A path or method no operation takes; counted under one route, not the raw path."""
+    metrics.HTTP_REQUESTS.labels("unmatched", "-", str(refusal.status)).inc()
+    return _error(request, refusal)
 
 
 def _error(request: Any, refusal: ApiError) -> bytes:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
 from twisted.web import server
 
-from mailsuite import __version__
+from mailsuite import __version__, metrics
 from mailsuite.config import Config
 from mailsuite.store import AsyncStore
 from mailsuite.web import aliases, domains, inboxes, keys
-from mailsuite.web.api import Api, ApiError, Call, new_request_id
+from mailsuite.web.api import Api, ApiError, Call, Raw, new_request_id
 from mailsuite.web.models import Health
 
 
@@ -31,6 +32,11 @@ def build_api() -> Api:
                    tag="meta")
     async def openapi(call: Call) -> dict[str, Any]:
         return document
+
+    @api.operation("GET", "/metrics", scope="admin", tag="meta", media=metrics.CONTENT_TYPE,
+                   summary="Prometheus metrics of this process (text exposition format)")
+    async def get_metrics(call: Call) -> Raw:
+        return await _metrics(call.store)
 
     keys.register(api)
     domains.register(api)
@@ -74,6 +80,25 @@ class LimitedRequest(server.Request):
             b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (rid.encode(), len(body), body))
         self.channel.transport.loseConnection()
+
+
+async def _metrics(store: AsyncStore) -> Raw:
+    return Raw(metrics.render(await store.queue_depth()), metrics.CONTENT_TYPE)
+
+
+def make_metrics_site(store: AsyncStore) -> server.Site:
+    """[listen] metrics: /metrics alone, without a key, for a scraper on a private address."""
+    app = Klein()
+
+    @app.route("/metrics", methods=["GET"])
+    async def get_metrics(request: Any) -> bytes:
+        result = await _metrics(store)
+        request.setHeader("Content-Type", result.content_type)
+        return result.body
+
+    site = server.Site(app.resource(), timeout=60)
+    site.displayTracebacks = False
+    return site
 
 
 def make_site(store: AsyncStore, config: Config) -> server.Site:
