@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
-__all__ = ["SECTION_TEXTS", "body_structure", "count_lines", "envelope", "imap_nstring",
-           "imap_string", "section"]
+__all__ = ["SECTION_TEXTS", "TextPart", "body_structure", "count_lines", "envelope",
+           "header_fields", "imap_nstring", "imap_string", "section", "text_parts"]
 
 NIL = b"NIL"
 
@@ -342,6 +342,7 @@ class _Part:
     kind: str
     children: list[_Part] = field(default_factory=list)  # a multipart's body parts
     message: _Part | None = None  # a message/rfc822 part's encapsulated message
+    opaque: bool = False  # a multipart or message past the nesting caps, left unsplit
 
 
 class _Stop(NamedTuple):
@@ -392,10 +393,12 @@ class _Parser:
         body_start, stop = self.header_end(start)
         mime = _parse_mime(_header_fields(self.data[start:body_start]), in_digest)
         kind = _kind(mime)
-        if kind in (_MULTIPART, _MESSAGE) and (depth >= _MAX_DEPTH or self.parts > _MAX_PARTS):
+        opaque = kind in (_MULTIPART, _MESSAGE) and (depth >= _MAX_DEPTH
+                                                     or self.parts > _MAX_PARTS)
+        if opaque:
             mime.type, mime.subtype, mime.params = b"APPLICATION", b"OCTET-STREAM", []
             kind = _BASIC
-        part = _Part(start, body_start, body_start, mime, kind)
+        part = _Part(start, body_start, body_start, mime, kind, opaque=opaque)
         if stop is not None:  # the header ran into a boundary: there is no body
             if kind == _MESSAGE:
                 part.message = _Part(body_start, body_start, body_start, _Mime(), _TEXT)
@@ -861,6 +864,50 @@ def _find_part(root: _Part, numbers: tuple[int, ...]) -> _Part | None:
     return node
 
 
+# --- for SEARCH -------------------------------------------------------------------------------
+
+def header_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-cased name, unfolded value) of each field of the message's own header, in order;
+    lines that are no field are left out."""
+    raw = _as_bytes(raw)
+    header_end, _ = _Parser(raw).header_end(0)
+    return [(f.name, f.value) for f in _header_fields(raw[:header_end]) if f.name]
+
+
+class TextPart(NamedTuple):
+    """A text/* leaf: its charset parameter (None when absent), its Content-Transfer-Encoding
+    (None when absent) and its body octets as stored (still transfer-encoded)."""
+
+    charset: bytes | None
+    encoding: bytes | None
+    body: bytes
+
+
+def text_parts(raw: bytes) -> list[TextPart]:
+    """The text/* leaves of a message in order, those of attached messages (message/rfc822)
+    included, and the multiparts nested past the caps, whose text is in there unsplit (as
+    octets of no declared charset or encoding). The tree is walked with an explicit stack, and
+    the splitter already caps its nesting, so no message can make this recurse deeply."""
+    raw = _as_bytes(raw)
+    out: list[TextPart] = []
+    stack = [_parse(raw)]
+    while stack:
+        node = stack.pop()
+        if node.kind == _MULTIPART:
+            stack.extend(reversed(node.children))
+        elif node.kind == _MESSAGE:
+            if node.message is not None:
+                stack.append(node.message)
+        elif node.kind == _TEXT:
+            out.append(TextPart(_param(node.mime.params, b"charset"), node.mime.encoding,
+                                raw[node.body_start : node.end]))
+        elif node.opaque:
+            out.append(TextPart(None, None, raw[node.body_start : node.end]))
+    return out
+
+
 def imap_structure(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """(ENVELOPE, BODYSTRUCTURE, BODY) of a message, as the store keeps them from ingest on."""
-    return envelope(raw), body_structure(raw, True), body_structure(raw, False)
+    raw = _as_bytes(raw)
+    tree = _parse(raw)  # once for both: a big message is not in the parse cache
+    return envelope(raw), _write_body(tree, raw, True), _write_body(tree, raw, False)

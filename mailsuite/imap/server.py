@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, threads
@@ -36,6 +36,9 @@ log = Logger(namespace="mailsuite.imap")
 
 FETCH_CHUNK = 200  # messages loaded from the store per round trip
 FETCH_CHUNK_BODIES = 8  # when whole messages are loaded: bounds memory per session
+# Octets of messages one SEARCH loads at a time (a bigger message is loaded alone): with the
+# parsing and decoding of one message on top, what a search holds stays in the tens of MB.
+SEARCH_BATCH_BYTES = 4 << 20
 MAX_LITERALS = 64  # literals in one command
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 SYSTEM_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
@@ -574,8 +577,14 @@ class IMAPServer(SerialLineProtocol):
             key = searching.parse_search(args, charset)
         except searching.BadCharset:
             return "NO [BADCHARSET (UTF-8 US-ASCII)] unsupported charset"
+        except searching.TooComplex as exc:
+            return f"NO [LIMIT] {exc}"
         uids = box.live_uids(list(box.uids))
-        found = await self._in_thread(self._search_blocking, box, uids, key)
+        deadline = time.monotonic() + self.config.imap.search_timeout
+        found = await self._in_thread(self._search_blocking, box, uids, key, deadline)
+        if found is None:
+            return ("NO [LIMIT] search took longer than "
+                    f"{self.config.imap.search_timeout:g} seconds; narrow it down")
         numbers = found if uid else [box.seq_of(u) for u in found]
         self.send("* SEARCH" + "".join(f" {n}" for n in numbers))
         await self.sync(allow_expunge=uid)
@@ -584,24 +593,52 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_UID_SEARCH(self, tag: str, args: list) -> str:
         return await self.cmd_SEARCH(tag, args, uid=True)
 
-    def _search_blocking(self, box: Selected, uids: list[int],
-                         key: searching.SearchKey) -> list[int]:
-        """In a thread: evaluate the key over the mailbox, loading bytes only if needed."""
+    def _search_blocking(self, box: Selected, uids: list[int], key: searching.SearchKey,
+                         deadline: float) -> list[int] | None:
+        """In a thread: the UIDs that match, or None once the deadline has passed.
+
+        Each message is first tried on its metadata alone; only those a key needs to read are
+        loaded, in batches of at most SEARCH_BATCH_BYTES (one bigger message alone), so one
+        search holds a bounded number of octets whatever the mailbox's size.
+        """
         store = self.store.store
-        raw_needed = searching.needs_raw(key)
         context = searching.SearchContext(max_seq=box.exists,
                                           max_uid=box.uids[-1] if box.uids else 0)
-        found = []
-        for start in range(0, len(uids), 500):
-            rows = store.fetch_rows(box.id, uids[start:start + 500], raw_needed, False)
+        found: list[int] = []
+        for start in range(0, len(uids), FETCH_CHUNK):
+            rows = store.fetch_rows(box.id, uids[start:start + FETCH_CHUNK], False, False)
+            pending = []
             for row in rows:
-                message = searching.SearchMessage(
-                    seq=box.seq_of(row.uid) or 0, uid=row.uid, flags=set(row.flags.split()),
-                    internal_date=row.internal_date, size=row.size,
-                    recent=row.uid in box.recent, raw=lambda row=row: row.raw or b"")
-                if searching.matches(key, message, context):
-                    found.append(row.uid)
-        return found
+                try:
+                    if searching.matches(key, self._search_message(box, row, _needs_bytes),
+                                         context):
+                        found.append(row.uid)
+                except _NeedsBytes:
+                    pending.append(row)
+            for batch in _byte_batches(pending, SEARCH_BATCH_BYTES):
+                if self.gone or time.monotonic() > deadline:
+                    return None
+                blobs = store.message_blobs(box.id, [row.uid for row in batch])
+                for row in batch:
+                    if row.uid not in blobs:
+                        continue  # expunged meanwhile
+                    if time.monotonic() > deadline:
+                        return None
+                    data = blobs.pop(row.uid)  # dropped as we go: the batch shrinks
+                    message = self._search_message(box, row, lambda data=data: bytes(data))
+                    if searching.matches(key, message, context):
+                        found.append(row.uid)
+            if self.gone or time.monotonic() > deadline:
+                return None
+        return sorted(found)
+
+    @staticmethod
+    def _search_message(box: Selected, row: Any,
+                        raw: Callable[[], bytes]) -> searching.SearchMessage:
+        return searching.SearchMessage(
+            seq=box.seq_of(row.uid) or 0, uid=row.uid, flags=set(row.flags.split()),
+            internal_date=row.internal_date, size=row.size, recent=row.uid in box.recent,
+            raw=raw)
 
     async def cmd_FETCH(self, tag: str, args: list, uid: bool = False) -> str:
         box = self.selected
@@ -825,6 +862,28 @@ _STATES: dict[str, tuple[str, ...]] = {
     **{name: ("SELECTED",) for name in ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH",
                                         "FETCH", "STORE", "COPY", "MOVE")},
 }
+
+
+class _NeedsBytes(Exception):
+    """A search key needs the message's octets, which are not loaded yet."""
+
+
+def _needs_bytes() -> bytes:
+    raise _NeedsBytes
+
+
+def _byte_batches(rows: list, budget: int) -> Iterator[list]:
+    """The rows in order, grouped so that each group's sizes add up to at most the budget."""
+    batch: list = []
+    total = 0
+    for row in rows:
+        if batch and total + row.size > budget:
+            yield batch
+            batch, total = [], 0
+        batch.append(row)
+        total += row.size
+    if batch:
+        yield batch
 
 
 def _no_args(args: list) -> None:
