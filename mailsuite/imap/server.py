@@ -40,6 +40,7 @@ FETCH_CHUNK_BODIES = 8  # when whole messages are loaded: bounds memory per sess
 # parsing and decoding of one message on top, what a search holds stays in the tens of MB.
 SEARCH_BATCH_BYTES = 4 << 20
 MAX_LITERALS = 64  # literals in one command
+PRE_AUTH_LITERAL = 8192  # octets of literals in one command before login (LOGIN's two strings)
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 SYSTEM_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
@@ -229,18 +230,26 @@ class IMAPServer(SerialLineProtocol):
     def _start_literal(self, size: int, non_sync: bool) -> None:
         tag = _guess_tag(self._parts[0])
         is_append = _guess_name(self._parts[0]) == "APPEND"
-        limit = self.config.smtp.max_message_size if is_append else self.config.imap.max_literal
         self._literal_total += size
         count = len(self._parts) // 2 + 1
-        if size > limit or self._literal_total > limit + self.config.imap.max_literal \
-                or count > MAX_LITERALS:
+        if self.state == "NOT_AUTHENTICATED":
+            # Nothing before login needs more than a user name and a password: a client
+            # without an account gets no buffer of the message size limit.
+            limit = total_limit = PRE_AUTH_LITERAL
+        else:
+            limit = self.config.smtp.max_message_size if is_append else self.config.imap.max_literal
+            total_limit = limit + self.config.imap.max_literal
+        if size > limit or self._literal_total > total_limit or count > MAX_LITERALS:
             self._parts = []
+            code = "NO [TOOBIG]" if is_append and self.state != "NOT_AUTHENTICATED" else "BAD"
             if non_sync:
-                # The client sends the octets anyway; we cannot tell them from commands.
-                self.send(f"* BYE literal of {size} octets is too large")
+                # The client sends the octets anyway, and we cannot tell them from commands
+                # without reading them all: answer, then close (RFC 7888 4).
+                self.send(f"{tag} BAD [TOOBIG] literal of {size} octets is too large")
+                self.send("* BYE closing: the literal cannot be skipped")
                 self.close()
                 return
-            self.send(f"{tag} {'NO [TOOBIG]' if is_append else 'BAD'} literal too large")
+            self.send(f"{tag} {code} literal too large")  # and no "+": the client sends nothing
             return
         if not non_sync:
             self.send("+ Ready for literal data")
