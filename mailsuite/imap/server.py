@@ -81,6 +81,7 @@ class _OutputGate:
 
     def __init__(self) -> None:
         self.paused = False
+        self.stopped = False  # the connection is gone: the transport has let go of us
         self._waiting: list[defer.Deferred] = []
 
     def pauseProducing(self) -> None:
@@ -93,6 +94,7 @@ class _OutputGate:
             d.callback(None)
 
     def stopProducing(self) -> None:
+        self.stopped = True
         self.resumeProducing()
 
     def wait(self) -> defer.Deferred:
@@ -678,7 +680,10 @@ class IMAPServer(SerialLineProtocol):
                 self.transport.write(b"".join(lines))
                 await self._gate.wait()
         finally:
-            self.transport.unregisterProducer()
+            # Once the connection is lost there is nothing to unregister from, and doing so
+            # anyway makes the TLS layer shut down a TLS connection it has already dropped.
+            if not (self._lost or self._gate.stopped):
+                self.transport.unregisterProducer()
         await self.sync(allow_expunge=uid)
         return f"OK {'UID ' if uid else ''}FETCH completed"
 
