@@ -36,8 +36,8 @@ from datetime import date, datetime, timedelta, timezone
 from mailsuite.imap.utf7 import decode_mailbox
 
 __all__ = [
-    "MAX_DEPTH", "MAX_NUMBER", "ParseError", "Atom", "QuotedString", "LiteralString",
-    "ParenList", "FetchAtt", "Token", "Command", "SequenceSet", "literal_at_end",
+    "MAX_DEPTH", "MAX_NUMBER", "ParseError", "MailboxNameError", "Atom", "QuotedString",
+    "LiteralString", "ParenList", "FetchAtt", "Token", "Command", "SequenceSet", "literal_at_end",
     "parse_command", "keyword", "is_nil", "number", "nz_number", "astring", "nstring",
     "list_mailbox", "mailbox_name", "list_pattern", "parse_sequence_set", "parse_flag",
     "parse_flag_list", "parse_date", "parse_datetime", "mailbox_pattern", "quote",
@@ -498,6 +498,11 @@ def list_mailbox(token: Token) -> bytes:
     raise ParseError("expected a mailbox pattern")
 
 
+class MailboxNameError(ParseError):
+    """A well-formed string that is no mailbox name's wire form (e.g. non-canonical modified
+    UTF-7): the command is valid, the name is not, so the answer is NO, not BAD."""
+
+
 def _decode_name(raw: bytes, utf8: bool) -> str:
     try:
         if utf8:
@@ -505,7 +510,7 @@ def _decode_name(raw: bytes, utf8: bool) -> str:
             return raw.decode("utf-8")
         return decode_mailbox(raw.decode("ascii"))
     except ValueError as exc:  # UnicodeDecodeError included
-        raise ParseError(f"invalid mailbox name: {exc}") from None
+        raise MailboxNameError(f"invalid mailbox name: {exc}") from None
 
 
 def mailbox_name(token: Token, utf8: bool = False) -> str:

@@ -402,7 +402,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_SELECT(self, tag: str, args: list, readonly: bool = False) -> str:
         if len(args) != 1:
             raise p.ParseError("SELECT takes a mailbox name")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         self._deselect()  # a failed SELECT leaves nothing selected (RFC 3501 6.3.1)
         self.state = "AUTHENTICATED"
         assert self.account is not None
@@ -429,7 +429,7 @@ class IMAPServer(SerialLineProtocol):
         return await self.cmd_SELECT(tag, args, readonly=True)
 
     async def cmd_CREATE(self, tag: str, args: list) -> str:
-        name = self._one_mailbox(args)
+        name = self._one_mailbox(args, creating=True)
         if name == "INBOX":
             return "NO [ALREADYEXISTS] INBOX exists"
         try:
@@ -450,7 +450,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_RENAME(self, tag: str, args: list) -> str:
         if len(args) != 2:
             raise p.ParseError("RENAME takes two mailbox names")
-        old, new = p.mailbox_name(args[0]), p.mailbox_name(args[1])
+        old, new = _mailbox(args[0]), _mailbox(args[1], creating=True)
         await self.store.mailbox_rename(self.account.id, old, new)
         return "OK RENAME completed"
 
@@ -497,7 +497,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_STATUS(self, tag: str, args: list) -> str:
         if len(args) != 2 or not isinstance(args[1], p.ParenList):
             raise p.ParseError("STATUS takes a mailbox and a list of items")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         wanted = [p.keyword(item) for item in args[1].items]
         status = await self.store.mailbox_status(self.account.id, name)
         values = {"MESSAGES": status.messages, "RECENT": status.recent,
@@ -513,7 +513,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_APPEND(self, tag: str, args: list) -> str:
         if len(args) < 2:
             raise p.ParseError("APPEND takes a mailbox, optional flags and date, and a message")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         message = args[-1]
         if not isinstance(message, p.LiteralString):
             raise p.ParseError("the message must be a literal")
@@ -747,7 +747,7 @@ class IMAPServer(SerialLineProtocol):
         if len(args) != 2:
             raise p.ParseError("COPY takes a sequence set and a mailbox")
         uids = box.live_uids(self._resolve(args[0], uid))
-        target = p.mailbox_name(args[1])
+        target = _mailbox(args[1])
         verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
         try:
             uidvalidity, pairs = await self.store.copy_messages(box.id, uids, self.account.id,
@@ -840,10 +840,10 @@ class IMAPServer(SerialLineProtocol):
             raise IMAPError("NO", "[READ-ONLY] the mailbox is selected read-only")
         return box
 
-    def _one_mailbox(self, args: list) -> str:
+    def _one_mailbox(self, args: list, creating: bool = False) -> str:
         if len(args) != 1:
             raise p.ParseError("expected one mailbox name")
-        return p.mailbox_name(args[0])
+        return _mailbox(args[0], creating)
 
     def _resolve(self, token: Any, uid: bool) -> list[int]:
         """The UIDs a sequence set (or UID set) names, as ranges: never expanded blindly."""
@@ -919,6 +919,31 @@ def _guess_name(line: bytes) -> str:
     if len(words) > 2 and words[1].upper() == b"UID":
         return words[2].decode("ascii", "replace").upper()
     return words[1].decode("ascii", "replace").upper() if len(words) > 1 else ""
+
+
+def _mailbox(token: Any, creating: bool = False) -> str:
+    """A mailbox argument, decoded. A name that no mailbox can have gets NO: [CANNOT] when it
+    is to be created (CREATE, RENAME's new name), else [NONEXISTENT], which it is."""
+    try:
+        name = p.mailbox_name(token)
+    except p.MailboxNameError as exc:
+        reason = str(exc)
+    else:
+        reason = _reserved(name)
+        if reason is None:
+            return name
+    raise IMAPError("NO", f"[{'CANNOT' if creating else 'NONEXISTENT'}] {reason}")
+
+
+def _reserved(name: str) -> str | None:
+    """Why a decoded name can be no mailbox's, or None. "#" starts a namespace and "~" another
+    user's folders (RFC 2342, as Dovecot and UW read them); "." and ".." are path steps that
+    no client means as a folder name and that file-based tools would follow."""
+    if name[:1] in ("#", "~"):
+        return f"mailbox names may not start with {name[0]!r}"
+    if any(part in (".", "..") for part in name.split("/")):
+        return 'mailbox names may not have "." or ".." as a level'
+    return None
 
 
 def _mailbox_wire(name: str) -> str:

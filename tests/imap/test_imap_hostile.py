@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
+from mailsuite.imap.utf7 import decode_mailbox, encode_mailbox
 from tests.harness import Mailsuite
-from tests.imap.test_imap_session import Wire, session
+from tests.imap.test_imap_session import Wire, quote, session
 
 
 def log_mark(server: Mailsuite) -> int:
@@ -118,3 +119,49 @@ def test_a_stalled_tls_fetch_whose_client_goes_away_leaves_no_traceback(
     # The server goes on serving.
     with session(server, address) as other:
         other.ok("SELECT INBOX")
+
+
+# =========================================================================== mailbox names
+def test_the_decoder_takes_only_the_canonical_modified_utf7_form() -> None:
+    assert encode_mailbox("ÉÉ") == "&AMkAyQ-" and decode_mailbox("&AMkAyQ-") == "ÉÉ"
+    assert decode_mailbox("&AMk-&-&AMk-") == "É&É"  # an escaped "&" between shifts is fine
+    assert decode_mailbox("&AMk-x&AMk-") == "ÉxÉ"
+    for wire in ("&AMk-&AMk-", "a&AMk-&AMk-b", "&AGEAYgBj-", "&AC8-"):
+        with pytest.raises(ValueError):
+            decode_mailbox(wire)
+
+
+def mailbox_names(server: Mailsuite, address: str) -> set[str]:
+    account = server.store.account_get(address)
+    assert account is not None
+    return {box.name for box in server.store.mailbox_list(account.id)}
+
+
+def test_non_canonical_and_reserved_names_are_refused_with_no(mailsuite: Mailsuite) -> None:
+    address = mailsuite.new_account()
+    before = mailbox_names(mailsuite, address)
+    with session(mailsuite, address) as client:
+        for wire in ("&AMk-&AMk-", "&AGEAYgBj-", "../x", "..", "x/../y", "a/.", "~other",
+                     "~", "#news", "#shared/x"):
+            reply = client.command(f"CREATE {quote(wire)}")
+            assert (reply.status, reply.code) == ("NO", "CANNOT"), (wire, reply)
+            reply = client.command(f"RENAME Archive {quote(wire)}")
+            assert (reply.status, reply.code) == ("NO", "CANNOT"), (wire, reply)
+            for command in (f"SELECT {quote(wire)}", f"EXAMINE {quote(wire)}",
+                            f"STATUS {quote(wire)} (MESSAGES)", f"DELETE {quote(wire)}",
+                            f"SUBSCRIBE {quote(wire)}", f"RENAME {quote(wire)} Elsewhere",
+                            f'APPEND {quote(wire)} {{3+}}\r\nx\r\n'):
+                reply = client.command(command)
+                assert (reply.status, reply.code) == ("NO", "NONEXISTENT"), (command, reply)
+        client.ok("SELECT INBOX")
+        client.append("INBOX", b"Subject: x\r\n\r\nx\r\n")
+        for wire in ("../x", "~other", "#news"):
+            reply = client.command(f"COPY 1 {quote(wire)}")
+            assert (reply.status, reply.code) == ("NO", "NONEXISTENT"), (wire, reply)
+        # Names that merely contain these characters are ordinary names.
+        for wire in ("&AMkAyQ-", "x.y", "..x", "a~b", "a#b", "x/.hidden"):
+            client.ok(f"CREATE {quote(wire)}")
+        client.ok("RENAME x.y x..z")
+    after = mailbox_names(mailsuite, address)
+    assert after - before == {"ÉÉ", "x..z", "..x", "a~b", "a#b", "x", "x/.hidden"}
+    assert before - after == set()
