@@ -326,11 +326,28 @@ class _Reader:
         while True:
             if self.peek() == _LPAREN:
                 raise ParseError("expected a header field name")
-            names.append(_header_field_name(self.token(0)))
+            names.append(_header_field_name(self.header_field()))
             if self.peek() == _RPAREN:
                 self.pos += 1
                 return tuple(names)
             self.expect(_SP, 'SP or ")" in the header list')
+
+
+    def header_field(self) -> Token:
+        """A header-fld-name: an astring, read without looking for a fetch section in it, so
+        that BODY[HEADER.FIELDS (BODY[HEADER.FIELDS (... cannot nest."""
+        c = self.peek()
+        if c == _DQUOTE:
+            return self.quoted()
+        if c == _LBRACE:
+            return self.literal()
+        start = self.pos
+        end = self._word_run(start)
+        if end == start:
+            raise ParseError(f"expected a header field name at offset {start}")
+        self._check_follower(end)
+        self.pos = end
+        return Atom(self.line[start:end].decode("ascii"))
 
 
 def _section_spec(spec: str, name: str) -> tuple[tuple[int, ...], str | None]:

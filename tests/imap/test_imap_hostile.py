@@ -165,3 +165,17 @@ def test_non_canonical_and_reserved_names_are_refused_with_no(mailsuite: Mailsui
     after = mailbox_names(mailsuite, address)
     assert after - before == {"ÉÉ", "x..z", "..x", "a~b", "a#b", "x", "x/.hidden"}
     assert before - after == set()
+
+
+# =========================================================================== parser nesting
+def test_fetch_sections_nested_in_header_lists_are_bad_not_a_crash(mailsuite: Mailsuite) -> None:
+    address = mailsuite.new_account()
+    mark = log_mark(mailsuite)
+    with session(mailsuite, address) as client:
+        client.append("INBOX", b"Subject: x\r\n\r\nx\r\n")
+        client.ok("SELECT INBOX")
+        reply = client.command("FETCH 1 (" + "BODY[HEADER.FIELDS (" * 3000 + ")")
+        assert reply.status == "BAD", reply
+        assert client.fetch("1", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]")  # the session goes on
+    log = log_since(mailsuite, mark)
+    assert "Traceback" not in log and "Unhandled" not in log, log[-3000:]
