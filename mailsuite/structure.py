@@ -363,6 +363,10 @@ class _Parser:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.boundaries: list[bytes] = []  # of the open multiparts, innermost last
+        # The same, for _boundary_at: boundary -> its innermost level, and their lengths,
+        # longest first, so a line costs a lookup per distinct length, not one per boundary.
+        self._levels: dict[bytes, int] = {}
+        self._lengths: list[int] = []
         self.parts = 0
 
     def message(self) -> _Part:
@@ -419,6 +423,7 @@ class _Parser:
     def _multipart(self, part: _Part, boundary: bytes, depth: int) -> tuple[_Part, _Stop | None]:
         level = len(self.boundaries)
         self.boundaries.append(boundary)
+        self._index_boundaries()
         in_digest = part.mime.subtype.lower() == b"digest"
         stop = self._next_boundary(part.body_start)  # the preamble is skipped
         while stop is not None and stop.level == level and not stop.close:
@@ -429,6 +434,7 @@ class _Parser:
             part.children.append(child)
         # Our boundary closes now; so do those of parts nested in ours that never closed.
         del self.boundaries[level:]
+        self._index_boundaries()
         if stop is not None and stop.level == level:
             # Our close delimiter: the epilogue after it runs to an enclosing boundary, if any.
             stop = self._next_boundary(stop.end)
@@ -443,17 +449,19 @@ class _Parser:
         data = self.data
         if not self.boundaries or not data.startswith(b"--", pos):
             return None
-        best = -1
-        for level, boundary in enumerate(self.boundaries):
-            if data.startswith(boundary, pos + 2) and (
-                best < 0 or len(boundary) >= len(self.boundaries[best])
-            ):
-                best = level
-        if best < 0:
+        for length in self._lengths:
+            best = self._levels.get(data[pos + 2 : pos + 2 + length], -1)
+            if best >= 0:
+                break
+        else:
             return None
         close = data.startswith(b"--", pos + 2 + len(self.boundaries[best]))
         eol = data.find(b"\n", pos)
         return _Stop(best, close, pos, len(data) if eol < 0 else eol + 1)
+
+    def _index_boundaries(self) -> None:
+        self._levels = {boundary: level for level, boundary in enumerate(self.boundaries)}
+        self._lengths = sorted({len(boundary) for boundary in self.boundaries}, reverse=True)
 
     def _next_boundary(self, pos: int) -> _Stop | None:
         """The first boundary line at or after pos, which is at the start of a line."""

@@ -620,6 +620,8 @@ class IMAPServer(SerialLineProtocol):
             rows = store.fetch_rows(box.id, uids[start:start + FETCH_CHUNK], False, False)
             pending = []
             for row in rows:
+                if time.monotonic() > deadline:  # a program of thousands of keys is slow too
+                    return None
                 try:
                     if searching.matches(key, self._search_message(box, row, _needs_bytes),
                                          context):
