@@ -133,7 +133,7 @@ def same_boundary(levels: int) -> bytes:
     ("100,000 parts", many_parts(100_000), 10.0),
     ("50,000 levels reusing one boundary", same_boundary(50_000), 5.0),
     ("a 4 MB folded header", b"Subject: x\r\n" + b" folded\r\n" * 400_000 + b"\r\nx", 10.0),
-    ("200,000 header fields", b"X: y\r\n" * 200_000 + b"\r\nx", 10.0),
+    ("100,000 header fields", b"X: y\r\n" * 100_000 + b"\r\nx", 10.0),
     ("a 1 MB address list", b"To: " + b"a@b, " * 200_000 + b"\r\n\r\n", 10.0),
     ("deep comments", b"From: " + b"(" * 200_000 + b"\r\n\r\n", 5.0),
 ])

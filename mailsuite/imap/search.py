@@ -27,11 +27,11 @@ from __future__ import annotations
 import binascii
 import codecs
 import contextlib
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from email.header import decode_header
 from email.utils import parsedate_to_datetime
 
 from mailsuite.imap.parser import (
@@ -417,23 +417,39 @@ def _compare(op: str, value: date, wanted: date) -> bool:
     return value >= wanted  # since
 
 
-def _decode_header_value(value: str) -> str:
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
-        # compat32 hands 8-bit octets over as surrogate escapes; RFC 6532 makes them UTF-8.
-        value = value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
-    value = value.replace("\r", "").replace("\n", "")  # unfold (RFC 5322 2.2.3)
-    try:
-        chunks = decode_header(value)
-    except Exception:  # a malformed encoded-word: search the text as it stands
-        return value
+# An RFC 2047 encoded-word: =?charset?Q|B?text?=. The classes exclude "?" (and whitespace),
+# so matching never backtracks.
+_ENCODED_WORD = re.compile(r"=\?([^?\s]*)\?([qQbB])\?([^?\s]*)\?=")
+
+
+def _decode_header_value(value: bytes) -> str:
+    """A header field's value as text: raw 8-bit octets read as UTF-8 (RFC 6532), folding
+    undone, and RFC 2047 encoded-words decoded. One pass, linear in the value: the email
+    package's decode_header is quadratic in the number of encoded-words (1.7 MB take 12 s)."""
+    text = value.decode("utf-8", "replace").replace("\r", "").replace("\n", "")
     out: list[str] = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, str):
-            out.append(chunk)
-        elif charset is None:
-            out.append(chunk.decode("raw-unicode-escape"))  # how decode_header packed it
+    pending = bytearray()  # adjacent encoded-words in one charset, decoded together, so that
+    pending_charset: str | None = None  # a character split between two of them survives
+    pos = 0
+    for match in _ENCODED_WORD.finditer(text):
+        between = text[pos:match.start()]
+        charset = match.group(1).split("*", 1)[0]  # RFC 2231 5: charset*language
+        # White space between two encoded-words is dropped (RFC 2047 6.2).
+        if pending_charset is None or between.strip() or charset.lower() != pending_charset:
+            if pending_charset is not None:
+                out.append(_decode_bytes(bytes(pending), pending_charset))
+                pending.clear()
+            out.append(between)
+        pending_charset = charset.lower()
+        data = match.group(3).encode("utf-8")
+        if match.group(2) in "qQ":
+            pending += binascii.a2b_qp(data, header=True)
         else:
-            out.append(_decode_bytes(chunk, charset))
+            pending += _base64_decoded(data)
+        pos = match.end()
+    if pending_charset is not None:
+        out.append(_decode_bytes(bytes(pending), pending_charset))
+    out.append(text[pos:])
     return "".join(out)
 
 
@@ -457,15 +473,19 @@ def _transfer_decoded(body: bytes, encoding: bytes | None) -> bytes:
     name = (encoding or b"").strip().lower()
     try:
         if name == b"base64":
-            # Lenient, as readers are: characters outside the alphabet (padding included) are
-            # skipped, and a lone last character, which holds no whole octet, is dropped.
-            data = body.translate(None, _NOT_BASE64)
-            return binascii.a2b_base64(data[: len(data) - (len(data) % 4 == 1)] + b"==")
+            return _base64_decoded(body)
         if name == b"quoted-printable":
             return binascii.a2b_qp(body)
     except binascii.Error:
         pass
     return body
+
+
+def _base64_decoded(data: bytes) -> bytes:
+    """Lenient, as readers are: characters outside the alphabet (padding included) are
+    skipped, and a lone last character, which holds no whole octet, is dropped."""
+    data = data.translate(None, _NOT_BASE64)
+    return binascii.a2b_base64(data[: len(data) - (len(data) % 4 == 1)] + b"==")
 
 
 _NOT_BASE64 = bytes(c for c in range(256)
@@ -565,7 +585,7 @@ class _Evaluation:
             self._headers = {}
             for name, value in self.fields():
                 self._headers.setdefault(name.decode("ascii", "surrogateescape"), []).append(
-                    _fold(_decode_header_value(value.decode("ascii", "surrogateescape"))))
+                    _fold(_decode_header_value(value)))
         return self._headers
 
     def header_text(self) -> str:
@@ -587,6 +607,5 @@ class _Evaluation:
                 # No usable Date: no SENT* key matches.
                 with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
                     # The calendar day as written in the field, zone disregarded (RFC 3501).
-                    self._sent = parsedate_to_datetime(
-                        _decode_header_value(value.decode("ascii", "surrogateescape"))).date()
+                    self._sent = parsedate_to_datetime(_decode_header_value(value)).date()
         return self._sent

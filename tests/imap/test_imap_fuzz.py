@@ -168,3 +168,26 @@ def test_a_search_program_at_the_key_limit_evaluates_in_bounded_time() -> None:
     for _ in range(100):
         matches(key, search_message(MESSAGE), SearchContext(max_seq=3, max_uid=9))
     assert time.perf_counter() - started < 2.0
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(["=?", "?=", "?q?", "?B?", "utf-8", "punycode", "idna",
+                                 "iso-8859-1*en", "=C3", "=A9", "_", "QUJD", "=", " ", "\t",
+                                 "\r\n ", "x", "\u00e9", "\udcff"]), max_size=40).map("".join))
+def test_header_values_with_any_encoded_words_are_searched(value: str) -> None:
+    raw = b"Subject: " + value.encode("utf-8", "surrogateescape") + b"\r\n\r\nbody\r\n"
+    key = parse_search(p.parse_command([b"t SEARCH OR SUBJECT x TEXT y"]).args)
+    assert matches(key, search_message(raw), SearchContext(max_seq=3, max_uid=9)) in (
+        True, False)
+
+
+def test_many_encoded_words_are_decoded_in_linear_time() -> None:
+    key = parse_search(p.parse_command([b"t SEARCH SUBJECT zzz"]).args)
+    timings = []
+    for count in (20_000, 80_000):
+        raw = b"Subject: " + b"=?utf-8?q?ab=C3=A9?= =?punycode?b?YWI=?= " * count + b"\r\n\r\n"
+        started = time.perf_counter()
+        assert not matches(key, search_message(raw), SearchContext(max_seq=3, max_uid=9))
+        timings.append(time.perf_counter() - started)
+    # Four times the words may cost up to about four times as much, not sixteen.
+    assert timings[1] < 2.0 and timings[1] < 8 * timings[0] + 0.2, timings
