@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
-__all__ = ["SECTION_TEXTS", "TextPart", "body_structure", "count_lines", "envelope",
+__all__ = ["SECTION_TEXTS", "Sections", "TextPart", "body_structure", "count_lines", "envelope",
            "header_fields", "imap_nstring", "imap_string", "section", "text_parts"]
 
 NIL = b"NIL"
@@ -819,38 +819,56 @@ def section(raw: bytes, part: tuple[int, ...], what: str, fields: tuple[str, ...
     encapsulates (b"" for any other part). HEADER.FIELDS gives the fields named in `fields`
     (case-insensitively, folded lines kept, in message order) and a blank line; .NOT the others.
     """
-    what = what.upper()
-    if what not in SECTION_TEXTS:
-        raise ValueError(f"not a section text: {what!r}")
-    raw = _as_bytes(raw)
-    node: _Part | None = _parse(raw)
-    if part:
-        node = _find_part(node, part)
-        if node is None:
-            return b""
-        if what == "":
-            return raw[node.body_start : node.end]
-        if what == "MIME":
+    return Sections(raw).get(part, what, fields)
+
+
+class Sections:
+    """The sections of one message, for a FETCH that asks for several: the message is split
+    at most once (and only if a section needs it), and each header's fields are read once, so
+    a command naming the same section thousands of times costs one parse, not thousands."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = _as_bytes(raw)
+        self._tree: _Part | None = None
+        self._fields: dict[int, list[_Field]] = {}  # header start -> its fields
+
+    def get(self, part: tuple[int, ...], what: str, fields: tuple[str, ...] = ()) -> bytes:
+        """section() of this message."""
+        what = what.upper()
+        if what not in SECTION_TEXTS:
+            raise ValueError(f"not a section text: {what!r}")
+        raw = self.raw
+        if not part and what in ("", "MIME"):  # only a part has a MIME header of its own
+            return raw if what == "" else b""
+        if self._tree is None:
+            self._tree = _parse(raw)
+        node: _Part | None = self._tree
+        if part:
+            node = _find_part(self._tree, part)
+            if node is None:
+                return b""
+            if what == "":
+                return raw[node.body_start : node.end]
+            if what == "MIME":
+                return raw[node.start : node.body_start]
+            node = node.message  # HEADER and TEXT are those of an encapsulated message
+            if node is None:
+                return b""
+        assert node is not None
+        if what == "HEADER":
             return raw[node.start : node.body_start]
-        node = node.message  # HEADER and TEXT are those of an encapsulated message
-        if node is None:
-            return b""
-    elif what == "":
-        return raw
-    elif what == "MIME":  # only a part has a MIME header of its own
-        return b""
-    header = raw[node.start : node.body_start]
-    if what == "HEADER":
-        return header
-    if what == "TEXT":
-        return raw[node.body_start : node.end]
-    wanted = {(name.encode("utf-8") if isinstance(name, str) else name).lower()
-              for name in fields}
-    negate = what == "HEADER.FIELDS.NOT"
-    kept = [header_field.raw if header_field.raw.endswith(b"\n") else header_field.raw + b"\r\n"
-            for header_field in _header_fields(header)
-            if (header_field.name in wanted) != negate]
-    return b"".join(kept) + b"\r\n"
+        if what == "TEXT":
+            return raw[node.body_start : node.end]
+        if node.start not in self._fields:
+            self._fields[node.start] = _header_fields(raw[node.start : node.body_start])
+        wanted = {(name.encode("utf-8") if isinstance(name, str) else name).lower()
+                  for name in fields}
+        negate = what == "HEADER.FIELDS.NOT"
+        kept = [header_field.raw if header_field.raw.endswith(b"\n")
+                else header_field.raw + b"\r\n"
+                for header_field in self._fields[node.start]
+                if (header_field.name in wanted) != negate]
+        return b"".join(kept) + b"\r\n"
 
 
 def _find_part(root: _Part, numbers: tuple[int, ...]) -> _Part | None:
