@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Mailsuite
-from tests.imap.test_imap_session import Wire, session
+from tests.imap.test_imap_session import Wire, deliver, make_message, session
 
 NEEDLE = "zebraquokka"
 
@@ -210,6 +210,26 @@ def test_a_message_nested_50000_levels_is_stored_fetched_and_searched(
         print(f"FETCH + 3 SEARCHes over a 50,000-deep message: {elapsed:.2f} s")
         assert elapsed < 30, elapsed
     assert [len(m) for m in mailsuite.inbox(address)][1] == len(raw)
+    traceback_free(mailsuite, mark)
+
+
+def test_a_message_nested_50000_levels_is_delivered_over_smtp_and_searched(
+        mailsuite: Mailsuite) -> None:
+    mark = log_mark(mailsuite)
+    address = mailsuite.new_account()
+    deep = deep_message(50_000)
+    header, _, body = deep.partition(b"\r\n\r\n")
+    content_type = header.split(b"\r\n")[-1]
+    raw = make_message("deep", body + b"\r\n", content_type + b"\r\nMIME-Version: 1.0\r\n")
+    started = time.monotonic()
+    deliver(mailsuite, address, raw)
+    delivered = time.monotonic() - started
+    with session(mailsuite, address) as client:
+        client.ok("SELECT INBOX")
+        reply = client.ok("FETCH 1 (BODYSTRUCTURE)")
+        assert b'"APPLICATION" "OCTET-STREAM"' in reply.untagged[0]
+        assert search(client, f"TEXT {NEEDLE}")[:3:2] == ("OK", [1])
+    print(f"SMTP delivery of a 50,000-deep message: {delivered:.2f} s")
     traceback_free(mailsuite, mark)
 
 
