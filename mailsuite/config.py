@@ -88,6 +88,7 @@ class IMAPConfig:
     max_connections_per_account: int = 20
     max_line: int = 65536
     max_literal: int = 65536  # except APPEND, bounded by smtp.max_message_size
+    search_timeout: float = 30.0  # seconds one SEARCH may work before NO [LIMIT]
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,8 @@ def _validate(config: Config, name: str, text: str) -> None:
                 "max_literal"):
         if getattr(config.imap, key) < 1:
             fail("imap", key, "must be at least 1")
+    if config.imap.search_timeout <= 0:
+        fail("imap", "search_timeout", "must be positive")
     if config.imap.max_line < 1000:
         fail("imap", "max_line", "RFC 7162 asks for at least 8192; 1000 is the floor here")
     if config.database.pool_size < 1 or config.database.batch_max < 1:

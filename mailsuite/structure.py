@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
-__all__ = ["SECTION_TEXTS", "body_structure", "count_lines", "envelope", "imap_nstring",
-           "imap_string", "section"]
+__all__ = ["SECTION_TEXTS", "Sections", "TextPart", "body_structure", "count_lines", "envelope",
+           "header_fields", "imap_nstring", "imap_string", "section", "text_parts"]
 
 NIL = b"NIL"
 
@@ -342,6 +342,7 @@ class _Part:
     kind: str
     children: list[_Part] = field(default_factory=list)  # a multipart's body parts
     message: _Part | None = None  # a message/rfc822 part's encapsulated message
+    opaque: bool = False  # a multipart or message past the nesting caps, left unsplit
 
 
 class _Stop(NamedTuple):
@@ -362,6 +363,10 @@ class _Parser:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.boundaries: list[bytes] = []  # of the open multiparts, innermost last
+        # The same, for _boundary_at: boundary -> its innermost level, and their lengths,
+        # longest first, so a line costs a lookup per distinct length, not one per boundary.
+        self._levels: dict[bytes, int] = {}
+        self._lengths: list[int] = []
         self.parts = 0
 
     def message(self) -> _Part:
@@ -392,10 +397,12 @@ class _Parser:
         body_start, stop = self.header_end(start)
         mime = _parse_mime(_header_fields(self.data[start:body_start]), in_digest)
         kind = _kind(mime)
-        if kind in (_MULTIPART, _MESSAGE) and (depth >= _MAX_DEPTH or self.parts > _MAX_PARTS):
+        opaque = kind in (_MULTIPART, _MESSAGE) and (depth >= _MAX_DEPTH
+                                                     or self.parts > _MAX_PARTS)
+        if opaque:
             mime.type, mime.subtype, mime.params = b"APPLICATION", b"OCTET-STREAM", []
             kind = _BASIC
-        part = _Part(start, body_start, body_start, mime, kind)
+        part = _Part(start, body_start, body_start, mime, kind, opaque=opaque)
         if stop is not None:  # the header ran into a boundary: there is no body
             if kind == _MESSAGE:
                 part.message = _Part(body_start, body_start, body_start, _Mime(), _TEXT)
@@ -416,6 +423,7 @@ class _Parser:
     def _multipart(self, part: _Part, boundary: bytes, depth: int) -> tuple[_Part, _Stop | None]:
         level = len(self.boundaries)
         self.boundaries.append(boundary)
+        self._index_boundaries()
         in_digest = part.mime.subtype.lower() == b"digest"
         stop = self._next_boundary(part.body_start)  # the preamble is skipped
         while stop is not None and stop.level == level and not stop.close:
@@ -426,6 +434,7 @@ class _Parser:
             part.children.append(child)
         # Our boundary closes now; so do those of parts nested in ours that never closed.
         del self.boundaries[level:]
+        self._index_boundaries()
         if stop is not None and stop.level == level:
             # Our close delimiter: the epilogue after it runs to an enclosing boundary, if any.
             stop = self._next_boundary(stop.end)
@@ -440,17 +449,19 @@ class _Parser:
         data = self.data
         if not self.boundaries or not data.startswith(b"--", pos):
             return None
-        best = -1
-        for level, boundary in enumerate(self.boundaries):
-            if data.startswith(boundary, pos + 2) and (
-                best < 0 or len(boundary) >= len(self.boundaries[best])
-            ):
-                best = level
-        if best < 0:
+        for length in self._lengths:
+            best = self._levels.get(data[pos + 2 : pos + 2 + length], -1)
+            if best >= 0:
+                break
+        else:
             return None
         close = data.startswith(b"--", pos + 2 + len(self.boundaries[best]))
         eol = data.find(b"\n", pos)
         return _Stop(best, close, pos, len(data) if eol < 0 else eol + 1)
+
+    def _index_boundaries(self) -> None:
+        self._levels = {boundary: level for level, boundary in enumerate(self.boundaries)}
+        self._lengths = sorted({len(boundary) for boundary in self.boundaries}, reverse=True)
 
     def _next_boundary(self, pos: int) -> _Stop | None:
         """The first boundary line at or after pos, which is at the start of a line."""
@@ -808,38 +819,56 @@ def section(raw: bytes, part: tuple[int, ...], what: str, fields: tuple[str, ...
     encapsulates (b"" for any other part). HEADER.FIELDS gives the fields named in `fields`
     (case-insensitively, folded lines kept, in message order) and a blank line; .NOT the others.
     """
-    what = what.upper()
-    if what not in SECTION_TEXTS:
-        raise ValueError(f"not a section text: {what!r}")
-    raw = _as_bytes(raw)
-    node: _Part | None = _parse(raw)
-    if part:
-        node = _find_part(node, part)
-        if node is None:
-            return b""
-        if what == "":
-            return raw[node.body_start : node.end]
-        if what == "MIME":
+    return Sections(raw).get(part, what, fields)
+
+
+class Sections:
+    """The sections of one message, for a FETCH that asks for several: the message is split
+    at most once (and only if a section needs it), and each header's fields are read once, so
+    a command naming the same section thousands of times costs one parse, not thousands."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = _as_bytes(raw)
+        self._tree: _Part | None = None
+        self._fields: dict[int, list[_Field]] = {}  # header start -> its fields
+
+    def get(self, part: tuple[int, ...], what: str, fields: tuple[str, ...] = ()) -> bytes:
+        """section() of this message."""
+        what = what.upper()
+        if what not in SECTION_TEXTS:
+            raise ValueError(f"not a section text: {what!r}")
+        raw = self.raw
+        if not part and what in ("", "MIME"):  # only a part has a MIME header of its own
+            return raw if what == "" else b""
+        if self._tree is None:
+            self._tree = _parse(raw)
+        node: _Part | None = self._tree
+        if part:
+            node = _find_part(self._tree, part)
+            if node is None:
+                return b""
+            if what == "":
+                return raw[node.body_start : node.end]
+            if what == "MIME":
+                return raw[node.start : node.body_start]
+            node = node.message  # HEADER and TEXT are those of an encapsulated message
+            if node is None:
+                return b""
+        assert node is not None
+        if what == "HEADER":
             return raw[node.start : node.body_start]
-        node = node.message  # HEADER and TEXT are those of an encapsulated message
-        if node is None:
-            return b""
-    elif what == "":
-        return raw
-    elif what == "MIME":  # only a part has a MIME header of its own
-        return b""
-    header = raw[node.start : node.body_start]
-    if what == "HEADER":
-        return header
-    if what == "TEXT":
-        return raw[node.body_start : node.end]
-    wanted = {(name.encode("utf-8") if isinstance(name, str) else name).lower()
-              for name in fields}
-    negate = what == "HEADER.FIELDS.NOT"
-    kept = [header_field.raw if header_field.raw.endswith(b"\n") else header_field.raw + b"\r\n"
-            for header_field in _header_fields(header)
-            if (header_field.name in wanted) != negate]
-    return b"".join(kept) + b"\r\n"
+        if what == "TEXT":
+            return raw[node.body_start : node.end]
+        if node.start not in self._fields:
+            self._fields[node.start] = _header_fields(raw[node.start : node.body_start])
+        wanted = {(name.encode("utf-8") if isinstance(name, str) else name).lower()
+                  for name in fields}
+        negate = what == "HEADER.FIELDS.NOT"
+        kept = [header_field.raw if header_field.raw.endswith(b"\n")
+                else header_field.raw + b"\r\n"
+                for header_field in self._fields[node.start]
+                if (header_field.name in wanted) != negate]
+        return b"".join(kept) + b"\r\n"
 
 
 def _find_part(root: _Part, numbers: tuple[int, ...]) -> _Part | None:
@@ -861,6 +890,50 @@ def _find_part(root: _Part, numbers: tuple[int, ...]) -> _Part | None:
     return node
 
 
+# --- for SEARCH -------------------------------------------------------------------------------
+
+def header_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(lower-cased name, unfolded value) of each field of the message's own header, in order;
+    lines that are no field are left out."""
+    raw = _as_bytes(raw)
+    header_end, _ = _Parser(raw).header_end(0)
+    return [(f.name, f.value) for f in _header_fields(raw[:header_end]) if f.name]
+
+
+class TextPart(NamedTuple):
+    """A text/* leaf: its charset parameter (None when absent), its Content-Transfer-Encoding
+    (None when absent) and its body octets as stored (still transfer-encoded)."""
+
+    charset: bytes | None
+    encoding: bytes | None
+    body: bytes
+
+
+def text_parts(raw: bytes) -> list[TextPart]:
+    """The text/* leaves of a message in order, those of attached messages (message/rfc822)
+    included, and the multiparts nested past the caps, whose text is in there unsplit (as
+    octets of no declared charset or encoding). The tree is walked with an explicit stack, and
+    the splitter already caps its nesting, so no message can make this recurse deeply."""
+    raw = _as_bytes(raw)
+    out: list[TextPart] = []
+    stack = [_parse(raw)]
+    while stack:
+        node = stack.pop()
+        if node.kind == _MULTIPART:
+            stack.extend(reversed(node.children))
+        elif node.kind == _MESSAGE:
+            if node.message is not None:
+                stack.append(node.message)
+        elif node.kind == _TEXT:
+            out.append(TextPart(_param(node.mime.params, b"charset"), node.mime.encoding,
+                                raw[node.body_start : node.end]))
+        elif node.opaque:
+            out.append(TextPart(None, None, raw[node.body_start : node.end]))
+    return out
+
+
 def imap_structure(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """(ENVELOPE, BODYSTRUCTURE, BODY) of a message, as the store keeps them from ingest on."""
-    return envelope(raw), body_structure(raw, True), body_structure(raw, False)
+    raw = _as_bytes(raw)
+    tree = _parse(raw)  # once for both: a big message is not in the parse cache
+    return envelope(raw), _write_body(tree, raw, True), _write_body(tree, raw, False)

@@ -80,18 +80,15 @@ def _literal(data: bytes) -> bytes:
     return b"{%d}\r\n" % len(data) + data
 
 
-def _section_bytes(att: FetchAtt, raw: bytes) -> bytes:
-    return structure.section(raw, att.part, att.text or "", att.fields)
-
-
 def render(seq: int, row: FetchRow, request: FetchRequest, flags: str, recent: bool,
            structure_cache: tuple[bytes, bytes, bytes] | None) -> bytes:
     """`* seq FETCH (...)` for one message, CRLF included."""
     parts: list[bytes] = []
     raw = row.raw or b""
+    sections = structure.Sections(raw)  # split once for all the items that need it
     for item in request.items:
         if isinstance(item, FetchAtt):
-            data = _section_bytes(item, raw)
+            data = sections.get(item.part, item.text or "", item.fields)
             label = f"BODY[{item.section}]"
             if item.partial is not None:
                 start, length = item.partial
@@ -114,8 +111,8 @@ def render(seq: int, row: FetchRow, request: FetchRequest, flags: str, recent: b
         elif item == "RFC822":
             parts.append(b"RFC822 " + _literal(raw))
         elif item == "RFC822.HEADER":
-            parts.append(b"RFC822.HEADER " + _literal(structure.section(raw, (), "HEADER")))
+            parts.append(b"RFC822.HEADER " + _literal(sections.get((), "HEADER")))
         elif item == "RFC822.TEXT":
-            parts.append(b"RFC822.TEXT " + _literal(structure.section(raw, (), "TEXT")))
+            parts.append(b"RFC822.TEXT " + _literal(sections.get((), "TEXT")))
     return b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n"
 

@@ -36,8 +36,8 @@ from datetime import date, datetime, timedelta, timezone
 from mailsuite.imap.utf7 import decode_mailbox
 
 __all__ = [
-    "MAX_DEPTH", "MAX_NUMBER", "ParseError", "Atom", "QuotedString", "LiteralString",
-    "ParenList", "FetchAtt", "Token", "Command", "SequenceSet", "literal_at_end",
+    "MAX_DEPTH", "MAX_NUMBER", "ParseError", "MailboxNameError", "Atom", "QuotedString",
+    "LiteralString", "ParenList", "FetchAtt", "Token", "Command", "SequenceSet", "literal_at_end",
     "parse_command", "keyword", "is_nil", "number", "nz_number", "astring", "nstring",
     "list_mailbox", "mailbox_name", "list_pattern", "parse_sequence_set", "parse_flag",
     "parse_flag_list", "parse_date", "parse_datetime", "mailbox_pattern", "quote",
@@ -326,11 +326,28 @@ class _Reader:
         while True:
             if self.peek() == _LPAREN:
                 raise ParseError("expected a header field name")
-            names.append(_header_field_name(self.token(0)))
+            names.append(_header_field_name(self.header_field()))
             if self.peek() == _RPAREN:
                 self.pos += 1
                 return tuple(names)
             self.expect(_SP, 'SP or ")" in the header list')
+
+
+    def header_field(self) -> Token:
+        """A header-fld-name: an astring, read without looking for a fetch section in it, so
+        that BODY[HEADER.FIELDS (BODY[HEADER.FIELDS (... cannot nest."""
+        c = self.peek()
+        if c == _DQUOTE:
+            return self.quoted()
+        if c == _LBRACE:
+            return self.literal()
+        start = self.pos
+        end = self._word_run(start)
+        if end == start:
+            raise ParseError(f"expected a header field name at offset {start}")
+        self._check_follower(end)
+        self.pos = end
+        return Atom(self.line[start:end].decode("ascii"))
 
 
 def _section_spec(spec: str, name: str) -> tuple[tuple[int, ...], str | None]:
@@ -498,6 +515,11 @@ def list_mailbox(token: Token) -> bytes:
     raise ParseError("expected a mailbox pattern")
 
 
+class MailboxNameError(ParseError):
+    """A well-formed string that is no mailbox name's wire form (e.g. non-canonical modified
+    UTF-7): the command is valid, the name is not, so the answer is NO, not BAD."""
+
+
 def _decode_name(raw: bytes, utf8: bool) -> str:
     try:
         if utf8:
@@ -505,7 +527,7 @@ def _decode_name(raw: bytes, utf8: bool) -> str:
             return raw.decode("utf-8")
         return decode_mailbox(raw.decode("ascii"))
     except ValueError as exc:  # UnicodeDecodeError included
-        raise ParseError(f"invalid mailbox name: {exc}") from None
+        raise MailboxNameError(f"invalid mailbox name: {exc}") from None
 
 
 def mailbox_name(token: Token, utf8: bool = False) -> str:

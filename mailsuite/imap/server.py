@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, threads
@@ -36,7 +36,11 @@ log = Logger(namespace="mailsuite.imap")
 
 FETCH_CHUNK = 200  # messages loaded from the store per round trip
 FETCH_CHUNK_BODIES = 8  # when whole messages are loaded: bounds memory per session
+# Octets of messages one SEARCH loads at a time (a bigger message is loaded alone): with the
+# parsing and decoding of one message on top, what a search holds stays in the tens of MB.
+SEARCH_BATCH_BYTES = 4 << 20
 MAX_LITERALS = 64  # literals in one command
+PRE_AUTH_LITERAL = 8192  # octets of literals in one command before login (LOGIN's two strings)
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 SYSTEM_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
@@ -77,6 +81,7 @@ class _OutputGate:
 
     def __init__(self) -> None:
         self.paused = False
+        self.stopped = False  # the connection is gone: the transport has let go of us
         self._waiting: list[defer.Deferred] = []
 
     def pauseProducing(self) -> None:
@@ -89,6 +94,7 @@ class _OutputGate:
             d.callback(None)
 
     def stopProducing(self) -> None:
+        self.stopped = True
         self.resumeProducing()
 
     def wait(self) -> defer.Deferred:
@@ -226,18 +232,26 @@ class IMAPServer(SerialLineProtocol):
     def _start_literal(self, size: int, non_sync: bool) -> None:
         tag = _guess_tag(self._parts[0])
         is_append = _guess_name(self._parts[0]) == "APPEND"
-        limit = self.config.smtp.max_message_size if is_append else self.config.imap.max_literal
         self._literal_total += size
         count = len(self._parts) // 2 + 1
-        if size > limit or self._literal_total > limit + self.config.imap.max_literal \
-                or count > MAX_LITERALS:
+        if self.state == "NOT_AUTHENTICATED":
+            # Nothing before login needs more than a user name and a password: a client
+            # without an account gets no buffer of the message size limit.
+            limit = total_limit = PRE_AUTH_LITERAL
+        else:
+            limit = self.config.smtp.max_message_size if is_append else self.config.imap.max_literal
+            total_limit = limit + self.config.imap.max_literal
+        if size > limit or self._literal_total > total_limit or count > MAX_LITERALS:
             self._parts = []
+            code = "NO [TOOBIG]" if is_append and self.state != "NOT_AUTHENTICATED" else "BAD"
             if non_sync:
-                # The client sends the octets anyway; we cannot tell them from commands.
-                self.send(f"* BYE literal of {size} octets is too large")
+                # The client sends the octets anyway, and we cannot tell them from commands
+                # without reading them all: answer, then close (RFC 7888 4).
+                self.send(f"{tag} BAD [TOOBIG] literal of {size} octets is too large")
+                self.send("* BYE closing: the literal cannot be skipped")
                 self.close()
                 return
-            self.send(f"{tag} {'NO [TOOBIG]' if is_append else 'BAD'} literal too large")
+            self.send(f"{tag} {code} literal too large")  # and no "+": the client sends nothing
             return
         if not non_sync:
             self.send("+ Ready for literal data")
@@ -388,7 +402,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_SELECT(self, tag: str, args: list, readonly: bool = False) -> str:
         if len(args) != 1:
             raise p.ParseError("SELECT takes a mailbox name")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         self._deselect()  # a failed SELECT leaves nothing selected (RFC 3501 6.3.1)
         self.state = "AUTHENTICATED"
         assert self.account is not None
@@ -415,7 +429,7 @@ class IMAPServer(SerialLineProtocol):
         return await self.cmd_SELECT(tag, args, readonly=True)
 
     async def cmd_CREATE(self, tag: str, args: list) -> str:
-        name = self._one_mailbox(args)
+        name = self._one_mailbox(args, creating=True)
         if name == "INBOX":
             return "NO [ALREADYEXISTS] INBOX exists"
         try:
@@ -436,7 +450,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_RENAME(self, tag: str, args: list) -> str:
         if len(args) != 2:
             raise p.ParseError("RENAME takes two mailbox names")
-        old, new = p.mailbox_name(args[0]), p.mailbox_name(args[1])
+        old, new = _mailbox(args[0]), _mailbox(args[1], creating=True)
         await self.store.mailbox_rename(self.account.id, old, new)
         return "OK RENAME completed"
 
@@ -483,7 +497,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_STATUS(self, tag: str, args: list) -> str:
         if len(args) != 2 or not isinstance(args[1], p.ParenList):
             raise p.ParseError("STATUS takes a mailbox and a list of items")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         wanted = [p.keyword(item) for item in args[1].items]
         status = await self.store.mailbox_status(self.account.id, name)
         values = {"MESSAGES": status.messages, "RECENT": status.recent,
@@ -499,7 +513,7 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_APPEND(self, tag: str, args: list) -> str:
         if len(args) < 2:
             raise p.ParseError("APPEND takes a mailbox, optional flags and date, and a message")
-        name = p.mailbox_name(args[0])
+        name = _mailbox(args[0])
         message = args[-1]
         if not isinstance(message, p.LiteralString):
             raise p.ParseError("the message must be a literal")
@@ -574,8 +588,14 @@ class IMAPServer(SerialLineProtocol):
             key = searching.parse_search(args, charset)
         except searching.BadCharset:
             return "NO [BADCHARSET (UTF-8 US-ASCII)] unsupported charset"
+        except searching.TooComplex as exc:
+            return f"NO [LIMIT] {exc}"
         uids = box.live_uids(list(box.uids))
-        found = await self._in_thread(self._search_blocking, box, uids, key)
+        deadline = time.monotonic() + self.config.imap.search_timeout
+        found = await self._in_thread(self._search_blocking, box, uids, key, deadline)
+        if found is None:
+            return ("NO [LIMIT] search took longer than "
+                    f"{self.config.imap.search_timeout:g} seconds; narrow it down")
         numbers = found if uid else [box.seq_of(u) for u in found]
         self.send("* SEARCH" + "".join(f" {n}" for n in numbers))
         await self.sync(allow_expunge=uid)
@@ -584,24 +604,54 @@ class IMAPServer(SerialLineProtocol):
     async def cmd_UID_SEARCH(self, tag: str, args: list) -> str:
         return await self.cmd_SEARCH(tag, args, uid=True)
 
-    def _search_blocking(self, box: Selected, uids: list[int],
-                         key: searching.SearchKey) -> list[int]:
-        """In a thread: evaluate the key over the mailbox, loading bytes only if needed."""
+    def _search_blocking(self, box: Selected, uids: list[int], key: searching.SearchKey,
+                         deadline: float) -> list[int] | None:
+        """In a thread: the UIDs that match, or None once the deadline has passed.
+
+        Each message is first tried on its metadata alone; only those a key needs to read are
+        loaded, in batches of at most SEARCH_BATCH_BYTES (one bigger message alone), so one
+        search holds a bounded number of octets whatever the mailbox's size.
+        """
         store = self.store.store
-        raw_needed = searching.needs_raw(key)
         context = searching.SearchContext(max_seq=box.exists,
                                           max_uid=box.uids[-1] if box.uids else 0)
-        found = []
-        for start in range(0, len(uids), 500):
-            rows = store.fetch_rows(box.id, uids[start:start + 500], raw_needed, False)
+        found: list[int] = []
+        for start in range(0, len(uids), FETCH_CHUNK):
+            rows = store.fetch_rows(box.id, uids[start:start + FETCH_CHUNK], False, False)
+            pending = []
             for row in rows:
-                message = searching.SearchMessage(
-                    seq=box.seq_of(row.uid) or 0, uid=row.uid, flags=set(row.flags.split()),
-                    internal_date=row.internal_date, size=row.size,
-                    recent=row.uid in box.recent, raw=lambda row=row: row.raw or b"")
-                if searching.matches(key, message, context):
-                    found.append(row.uid)
-        return found
+                if time.monotonic() > deadline:  # a program of thousands of keys is slow too
+                    return None
+                try:
+                    if searching.matches(key, self._search_message(box, row, _needs_bytes),
+                                         context):
+                        found.append(row.uid)
+                except _NeedsBytes:
+                    pending.append(row)
+            for batch in _byte_batches(pending, SEARCH_BATCH_BYTES):
+                if self.gone or time.monotonic() > deadline:
+                    return None
+                blobs = store.message_blobs(box.id, [row.uid for row in batch])
+                for row in batch:
+                    if row.uid not in blobs:
+                        continue  # expunged meanwhile
+                    if time.monotonic() > deadline:
+                        return None
+                    data = blobs.pop(row.uid)  # dropped as we go: the batch shrinks
+                    message = self._search_message(box, row, lambda data=data: bytes(data))
+                    if searching.matches(key, message, context):
+                        found.append(row.uid)
+            if self.gone or time.monotonic() > deadline:
+                return None
+        return sorted(found)
+
+    @staticmethod
+    def _search_message(box: Selected, row: Any,
+                        raw: Callable[[], bytes]) -> searching.SearchMessage:
+        return searching.SearchMessage(
+            seq=box.seq_of(row.uid) or 0, uid=row.uid, flags=set(row.flags.split()),
+            internal_date=row.internal_date, size=row.size, recent=row.uid in box.recent,
+            raw=raw)
 
     async def cmd_FETCH(self, tag: str, args: list, uid: bool = False) -> str:
         box = self.selected
@@ -632,7 +682,10 @@ class IMAPServer(SerialLineProtocol):
                 self.transport.write(b"".join(lines))
                 await self._gate.wait()
         finally:
-            self.transport.unregisterProducer()
+            # Once the connection is lost there is nothing to unregister from, and doing so
+            # anyway makes the TLS layer shut down a TLS connection it has already dropped.
+            if not (self._lost or self._gate.stopped):
+                self.transport.unregisterProducer()
         await self.sync(allow_expunge=uid)
         return f"OK {'UID ' if uid else ''}FETCH completed"
 
@@ -696,7 +749,7 @@ class IMAPServer(SerialLineProtocol):
         if len(args) != 2:
             raise p.ParseError("COPY takes a sequence set and a mailbox")
         uids = box.live_uids(self._resolve(args[0], uid))
-        target = p.mailbox_name(args[1])
+        target = _mailbox(args[1])
         verb = ("UID " if uid else "") + ("MOVE" if move else "COPY")
         try:
             uidvalidity, pairs = await self.store.copy_messages(box.id, uids, self.account.id,
@@ -789,10 +842,10 @@ class IMAPServer(SerialLineProtocol):
             raise IMAPError("NO", "[READ-ONLY] the mailbox is selected read-only")
         return box
 
-    def _one_mailbox(self, args: list) -> str:
+    def _one_mailbox(self, args: list, creating: bool = False) -> str:
         if len(args) != 1:
             raise p.ParseError("expected one mailbox name")
-        return p.mailbox_name(args[0])
+        return _mailbox(args[0], creating)
 
     def _resolve(self, token: Any, uid: bool) -> list[int]:
         """The UIDs a sequence set (or UID set) names, as ranges: never expanded blindly."""
@@ -827,6 +880,28 @@ _STATES: dict[str, tuple[str, ...]] = {
 }
 
 
+class _NeedsBytes(Exception):
+    """A search key needs the message's octets, which are not loaded yet."""
+
+
+def _needs_bytes() -> bytes:
+    raise _NeedsBytes
+
+
+def _byte_batches(rows: list, budget: int) -> Iterator[list]:
+    """The rows in order, grouped so that each group's sizes add up to at most the budget."""
+    batch: list = []
+    total = 0
+    for row in rows:
+        if batch and total + row.size > budget:
+            yield batch
+            batch, total = [], 0
+        batch.append(row)
+        total += row.size
+    if batch:
+        yield batch
+
+
 def _no_args(args: list) -> None:
     if args:
         raise p.ParseError("this command takes no arguments")
@@ -846,6 +921,31 @@ def _guess_name(line: bytes) -> str:
     if len(words) > 2 and words[1].upper() == b"UID":
         return words[2].decode("ascii", "replace").upper()
     return words[1].decode("ascii", "replace").upper() if len(words) > 1 else ""
+
+
+def _mailbox(token: Any, creating: bool = False) -> str:
+    """A mailbox argument, decoded. A name that no mailbox can have gets NO: [CANNOT] when it
+    is to be created (CREATE, RENAME's new name), else [NONEXISTENT], which it is."""
+    try:
+        name = p.mailbox_name(token)
+    except p.MailboxNameError as exc:
+        reason = str(exc)
+    else:
+        reason = _reserved(name)
+        if reason is None:
+            return name
+    raise IMAPError("NO", f"[{'CANNOT' if creating else 'NONEXISTENT'}] {reason}")
+
+
+def _reserved(name: str) -> str | None:
+    """Why a decoded name can be no mailbox's, or None. "#" starts a namespace and "~" another
+    user's folders (RFC 2342, as Dovecot and UW read them); "." and ".." are path steps that
+    no client means as a folder name and that file-based tools would follow."""
+    if name[:1] in ("#", "~"):
+        return f"mailbox names may not start with {name[0]!r}"
+    if any(part in (".", "..") for part in name.split("/")):
+        return 'mailbox names may not have "." or ".." as a level'
+    return None
 
 
 def _mailbox_wire(name: str) -> str:

@@ -58,12 +58,13 @@ def decode_mailbox(wire: str) -> str:
     Raises ValueError for anything that is not the canonical encoding of some name: raw
     characters outside 0x20-0x7e, an "&" without its closing "-", characters outside the
     modified BASE64 alphabet, superfluous BASE64 characters or non-zero padding bits,
-    incomplete or unpaired UTF-16 surrogates, and shifted printable ASCII (including "&",
-    which must be "&-").
+    incomplete or unpaired UTF-16 surrogates, shifted printable ASCII (including "&",
+    which must be "&-"), and two shifts in a row (which the encoder writes as one).
     """
     out: list[str] = []
     i = 0
     n = len(wire)
+    shift_end = -1  # where the last non-empty shift ended
     while i < n:
         ch = wire[i]
         if not _printable(ch):
@@ -78,7 +79,12 @@ def decode_mailbox(wire: str) -> str:
         if end == i + 1:
             out.append("&")  # "&-" is the escaped "&" (the zero-length shift)
         else:
+            if i == shift_end:
+                # "&AMk-&AMk-" is "&AMkAyQ-" split in two: RFC 3501 5.1.3 has encoders join
+                # such runs, so only the joined form is the name's wire form.
+                raise ValueError(f"a shift at offset {i} directly follows another one")
             out.append(_decode_shifted(wire[i + 1:end], i))
+            shift_end = end + 1
         i = end + 1
     return "".join(out)
 

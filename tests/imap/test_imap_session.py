@@ -850,10 +850,11 @@ def test_a_synchronizing_literal_above_max_literal_is_bad_without_continuation(
         client.ok("NOOP")
 
 
-def test_a_huge_non_synchronizing_literal_gets_bye_and_the_connection_closes(
+def test_a_huge_non_synchronizing_literal_gets_bad_and_bye_and_the_connection_closes(
         mailsuite: Mailsuite) -> None:
     with session(mailsuite) as client:
         client.send("a LOGIN {99999999+}\r\n" + "x" * 1000)
         rest = client.read_until_closed(wait=10)
         assert rest is not None, "the connection stayed open"
-        assert len(rest) == 1 and rest[0].startswith(b"* BYE"), rest
+        assert len(rest) == 2, rest
+        assert rest[0].startswith(b"a BAD [TOOBIG]") and rest[1].startswith(b"* BYE"), rest
