@@ -76,6 +76,8 @@ class SerialLineProtocol(protocol.Protocol, TimeoutMixin):
     def set_deadline(self, name: str, seconds: float | None) -> None:
         """Call deadline_exceeded(name) in `seconds` (moving it if set; None cancels it)."""
         call = self._deadlines.pop(name, None)
+        if name in self._overdue:
+            self._overdue.remove(name)
         if seconds is None or self._lost:
             if call is not None and call.active():
                 call.cancel()
