@@ -193,6 +193,9 @@ def _malformed_reason(line: bytes) -> str:
         return "header field with an empty name"
     if any(byte > 0x7e for byte in name):
         return "8-bit octet in a header field name"
-    if b" " in name or b"\t" in name:
+    inner = name.rstrip(b" \t")
+    if b" " in inner or b"\t" in inner:
         return "white space in a header field name"
+    if inner != name:
+        return "white space before the colon of a header field"
     return "control character in a header field name"
