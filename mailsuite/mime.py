@@ -141,9 +141,12 @@ class HeaderChecker:
             self._line(buf, start, end)
             start = scan = end + 2
         del buf[:start]
-        if not self.finished:
+        if not self.finished and len(buf) > 2:  # a lone CR may yet be the blank line
             # The incomplete line counts already: a field must not grow unseen.
-            self._check(self._field_size + len(buf), self._section_size + len(buf))
+            first = buf[1:2] if self._stuffed and buf[:1] == b"." else buf[:1]
+            folded = first in (b" ", b"\t") and self.fields > 0
+            self._check(len(buf) + (self._field_size if folded else 0),
+                        self._section_size + len(buf))
         if self.finished:
             buf.clear()
 

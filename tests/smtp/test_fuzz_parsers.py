@@ -182,3 +182,14 @@ def test_header_splitter_is_linear_on_a_folded_header() -> None:
     small, large = linear_time(lambda n: b"X: a\r\n" + b" x\r\n" * (n // 4) + b"Y: 1\r\n\r\nb",
                                run)
     assert large < max(small * 20, 0.5), (small, large)
+
+
+def test_a_new_field_arriving_in_pieces_is_not_counted_into_the_previous_one() -> None:
+    limits = HeaderLimits(max_field_size=1000, max_section_size=2003, max_fields=10)
+    first = b"A: " + b"x" * 995 + b"\r\n"  # 1000 octets: exactly at the field limit
+    data = first + b"B: " + b"y" * 995 + b"\r\n\r\n"  # the section ends exactly at its limit
+    for cut in range(len(first), len(data)):
+        checker = HeaderChecker(limits)
+        checker.feed(data[:cut])
+        checker.feed(data[cut:])
+        assert verdict(checker) == (True, None, 2), cut
