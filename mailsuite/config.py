@@ -68,6 +68,13 @@ class SMTPConfig:
     idle_timeout: float = 300.0
     greeting_delay: float = 0.5
     max_received_headers: int = 60
+    max_header_field_size: int = 102400  # Postfix's header_size_limit
+    max_header_size: int = 1048576  # Exim's header_maxsize
+    max_header_fields: int = 1000
+    command_timeout: float = 60.0  # a command line, from its first octet to its CRLF
+    min_data_rate: int = 500  # octets/s buying DATA time, as Postfix's smtpd_min_data_rate
+    max_session_time: float = 3600.0
+    commit_timeout: float = 120.0  # a message's commit; then rolled back and 451
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class MXConfig:
 class POP3Config:
     idle_timeout: float = 600.0
     max_connections_per_ip: int = 20
+    login_timeout: float = 180.0
+    command_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class IMAPConfig:
     max_line: int = 65536
     max_literal: int = 65536  # except APPEND, bounded by smtp.max_message_size
     search_timeout: float = 30.0  # seconds one SEARCH may work before NO [LIMIT]
+    login_timeout: float = 180.0  # as Dovecot's login processes
+    command_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -319,9 +330,21 @@ def _validate(config: Config, name: str, text: str) -> None:
                                                 config.dns.resolver):
         fail("dns", "resolver", "must be host or host:port")
     for key in ("max_command_line", "max_message_size", "max_recipients",
-                "max_connections_per_ip", "max_junk_commands", "max_received_headers"):
+                "max_connections_per_ip", "max_junk_commands", "max_received_headers",
+                "max_header_fields", "min_data_rate"):
         if getattr(config.smtp, key) < 1:
             fail("smtp", key, "must be at least 1")
+    for key in ("max_header_field_size", "max_header_size"):
+        if getattr(config.smtp, key) < 998:
+            fail("smtp", key, "must be at least 998 (RFC 5322 2.1.1 line length)")
+    if config.smtp.max_header_field_size > config.smtp.max_header_size:
+        fail("smtp", "max_header_field_size", "must not exceed smtp.max_header_size")
+    for section, key in (("smtp", "idle_timeout"), ("smtp", "command_timeout"),
+                         ("smtp", "max_session_time"), ("smtp", "commit_timeout"),
+                         ("pop3", "login_timeout"), ("pop3", "command_timeout"),
+                         ("imap", "login_timeout"), ("imap", "command_timeout")):
+        if getattr(getattr(config, section), key) <= 0:
+            fail(section, key, "must be positive")
     if config.smtp.max_command_line < 512:
         fail("smtp", "max_command_line", "RFC 5321 needs at least 512")
     if config.server.reuse_port:

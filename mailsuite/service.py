@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import functools
 import os
 import secrets
 import socket
@@ -128,7 +130,10 @@ class MailsuiteService(service.MultiService):
         store_service.drains.append(runner.drain)
         # Local copies and queued recipients of one message commit together; concurrent
         # messages from every SMTP session share a transaction.
-        submissions = Batcher(store.submit_many, pool, reactor, config.database.batch_max)
+        # A commit past smtp.commit_timeout is rolled back, so its 451 never goes with a message.
+        submissions = Batcher(
+            functools.partial(store.submit_many, timeout=config.smtp.commit_timeout),
+            pool, reactor, config.database.batch_max)
         listeners: dict[str, str] = {}
 
         def listen(name: str, endpoint: str, factory: protocol.Factory,

@@ -285,6 +285,15 @@ def test_tls_key_without_cert_is_refused(tmp_path: Path) -> None:
     ("[auth]\nbcrypt_rounds = 3\n", "auth.bcrypt_rounds"),
     ("[auth]\nbcrypt_rounds = 32\n", "auth.bcrypt_rounds"),
     ('[dns]\nresolver = "1.2.3.4:53 extra"\n', "dns.resolver"),
+    ("[smtp]\nmax_header_field_size = 100\n", "smtp.max_header_field_size"),
+    ("[smtp]\nmax_header_field_size = 2000000\n", "smtp.max_header_field_size"),
+    ("[smtp]\nmax_header_fields = 0\n", "smtp.max_header_fields"),
+    ("[smtp]\ncommand_timeout = 0\n", "smtp.command_timeout"),
+    ("[smtp]\nmin_data_rate = 0\n", "smtp.min_data_rate"),
+    ("[smtp]\nmax_session_time = -1\n", "smtp.max_session_time"),
+    ("[smtp]\ncommit_timeout = 0\n", "smtp.commit_timeout"),
+    ("[imap]\nlogin_timeout = 0\n", "imap.login_timeout"),
+    ("[pop3]\ncommand_timeout = 0\n", "pop3.command_timeout"),
 ])
 def test_invalid_values_are_refused_naming_file_line_and_option(
         tmp_path: Path, text: str, option: str) -> None:

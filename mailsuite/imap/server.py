@@ -153,6 +153,8 @@ class IMAPServer(SerialLineProtocol):
             return
         self._counted_ip = True
         self.setTimeout(self.config.imap.idle_timeout)
+        self.command_deadline = self.config.imap.command_timeout
+        self.set_deadline("login", self.config.imap.login_timeout)
         self.send(f"* OK [CAPABILITY {self.capabilities()}] mailsuite IMAP4rev1 ready")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -171,6 +173,9 @@ class IMAPServer(SerialLineProtocol):
     def timeoutConnection(self) -> None:
         self.send("* BYE autologout; idle for too long")
         self.close()
+
+    def deadline_exceeded(self, name: str) -> None:
+        self.send(f"* BYE {'login' if name == 'login' else 'command line'} took too long")
 
     def send(self, line: str) -> None:
         if not self.gone:
@@ -385,6 +390,7 @@ class IMAPServer(SerialLineProtocol):
         self._counted_account = True
         self.account = account
         self.state = "AUTHENTICATED"
+        self.set_deadline("login", None)
         return f"OK [CAPABILITY {self.capabilities()}] logged in"
 
     # --- authenticated -------------------------------------------------------------------

@@ -159,6 +159,8 @@ class POP3Server(SerialLineProtocol):
         self._counted = True
         self._holder = f"{self.factory.lease_prefix}:{secrets.token_hex(8)}"
         self.setTimeout(self.factory.config.pop3.idle_timeout)
+        self.command_deadline = self.factory.config.pop3.command_timeout
+        self.set_deadline("login", self.factory.config.pop3.login_timeout)
         self.send("+OK mailsuite POP3 server ready")
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -177,6 +179,10 @@ class POP3Server(SerialLineProtocol):
         # RFC 1939 3: an autologout timer ends the session without entering UPDATE.
         self.send("-ERR [SYS/TEMP] autologout: idle for too long")
         self.close()
+
+    def deadline_exceeded(self, name: str) -> None:
+        what = "login" if name == "login" else "command line"
+        self.send(f"-ERR [SYS/TEMP] {what} took too long")
 
     def send(self, line: str) -> None:
         if not self.gone:
@@ -321,6 +327,7 @@ class POP3Server(SerialLineProtocol):
     def _opened(self, listing: Listing) -> None:
         self.listing = listing
         self.state = "TRANSACTION"
+        self.set_deadline("login", None)
         total = sum(size for _, size in listing.messages)
         self.send(f"+OK maildrop has {len(listing.messages)} messages ({total} octets)")
 

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mailsuite.addresses import Address, AddressError, parse_path
 from mailsuite.config import SMTPConfig
 from mailsuite.lineproto import SerialLineProtocol
+from mailsuite.mime import HeaderChecker, HeaderLimits
 from mailsuite.netlimits import ConnectionCounter
 
 log = Logger(namespace="mailsuite.smtp")
@@ -91,7 +92,11 @@ class ESMTPServer(SerialLineProtocol):
         super().__init__()
         self._data: bytearray | None = None  # DATA in progress; starts with a virtual CRLF
         self._data_scan = 0
-        self._data_overflow = False
+        #: why the message in DATA will be refused; once set, what arrives is not kept
+        self._data_refusal: Reply | None = None
+        self._data_received = 0
+        self._data_started = 0.0
+        self._headers: HeaderChecker | None = None
         self._greeted = False
         self._junk = 0
         self.helo: str | None = None
@@ -128,6 +133,8 @@ class ESMTPServer(SerialLineProtocol):
             return
         self._counted = True
         self.setTimeout(self.limits.idle_timeout)
+        self.command_deadline = self.limits.command_timeout
+        self.set_deadline("session", self.limits.max_session_time)
         if self.limits.greeting_delay > 0:
             # A client that talks before our greeting is not a conforming SMTP client.
             self._greeting_call = self.factory.clock.callLater(
@@ -178,6 +185,12 @@ class ESMTPServer(SerialLineProtocol):
         self._send(Reply(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
         self.close()
 
+    def deadline_exceeded(self, name: str) -> None:
+        what = {"command": "command line", "data": "message data",
+                "session": "session"}.get(name, name)
+        log.info("smtp {what} deadline passed peer={peer}", what=what, peer=self.peer_ip)
+        self._send(Reply(421, "4.4.2", f"{self.hostname} Error: {what} took too long"))
+
     def _send(self, reply: Reply) -> None:
         if reply.code >= 400:
             self.session_log.rejected += 1
@@ -199,6 +212,11 @@ class ESMTPServer(SerialLineProtocol):
         return self._data is not None
 
     def line_received(self, line: bytes) -> defer.Deferred | None:
+        if self._buffer and not self.esmtp:
+            # More input came before our reply, and PIPELINING was not offered (no EHLO
+            # answered yet): refused, as Postfix's smtpd_forbid_unauth_pipelining does.
+            self._forbid_pipelining("command")
+            return None
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -232,6 +250,12 @@ class ESMTPServer(SerialLineProtocol):
     def _internal_error(self, failure: Any) -> Reply:
         log.failure("smtp hook failed", failure=failure)
         return Reply(451, "4.3.0", "Error: internal error, try again later")
+
+    def _forbid_pipelining(self, what: str) -> None:
+        self._junk += 1
+        log.info("smtp improper pipelining of {what} peer={peer}", what=what, peer=self.peer_ip)
+        self._send(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"))
+        self.close()
 
     def _junk_reply(self, reply: Reply) -> None:
         answer = self._junk_and(reply)
@@ -378,11 +402,29 @@ class ESMTPServer(SerialLineProtocol):
             return self._junk_and(Reply(554, "5.5.1", "Error: no valid recipients"))
         if argument:
             return self._junk_and(Reply(501, "5.5.4", "Syntax: DATA"))
+        if self._buffer:
+            # RFC 2920 3.1: message text may only follow the 354, PIPELINING or not.
+            self._forbid_pipelining("message text before the 354")
+            return None
         self._data = bytearray(b"\r\n")
         self._data_scan = 0
-        self._data_overflow = False
+        self._data_refusal = None
+        self._data_received = 0
+        self._data_started = self.factory.clock.seconds()
+        self._headers = HeaderChecker(HeaderLimits(
+            self.limits.max_header_field_size, self.limits.max_header_size,
+            self.limits.max_header_fields), dot_stuffed=True)
+        self.set_deadline("data", self._data_allowance())
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         return None
+
+    def _data_allowance(self) -> float:
+        """Seconds left for DATA: command_timeout plus what the octets received so far have
+        bought at min_data_rate, within the bound a message of the largest size gets."""
+        limits = self.limits
+        earned = min(self._data_received, limits.max_message_size) / limits.min_data_rate
+        return (self._data_started + limits.command_timeout + earned
+                - self.factory.clock.seconds())
 
     def smtp_BDAT(self, argument: str) -> Reply | None:
         return self._junk_and(Reply(502, "5.5.1", "Error: CHUNKING is not offered"))
@@ -391,30 +433,50 @@ class ESMTPServer(SerialLineProtocol):
     def consume_raw(self) -> bool:
         """Move buffered input into the message; True once end-of-data was seen."""
         assert self._data is not None
+        start = len(self._data)
+        self._data_received += len(self._buffer)
         self._data += self._buffer
         self._buffer.clear()
         end = self._data.find(b"\r\n.\r\n", self._data_scan)
+        headers = self._headers
+        if headers is not None and not headers.finished and self._data_refusal is None:
+            # Only up to the end of data: what follows it is the next command.
+            headers.feed(self._data[start: len(self._data) if end < 0 else end + 2])
+            if headers.violation is not None:
+                self._data_refusal = (
+                    Reply(552, "5.3.4", f"Message header too large: {headers.violation}")
+                    if headers.violation.kind == "size" else
+                    Reply(554, "5.6.0", f"Malformed message header: {headers.violation}"))
         if end < 0:
             self._data_scan = max(0, len(self._data) - 4)
-            if len(self._data) > self.limits.max_message_size + 4096:
+            if self._data_refusal is None and len(self._data) > self.limits.max_message_size + 4096:
+                self._data_refusal = Reply(552, "5.3.4",
+                                           "Message size exceeds fixed maximum message size")
+            if self._data_refusal is not None:
                 # Keep reading to the end marker, but stop keeping what we read.
-                self._data_overflow = True
                 del self._data[: len(self._data) - 4]
                 self._data_scan = 0
+            self.set_deadline("data", self._data_allowance())
             return False
+        self.set_deadline("data", None)
         self._buffer += self._data[end + 5:]
         body = bytes(self._data[2: end + 2])
-        overflow = self._data_overflow
-        self._data = None
-        self._finish_data(body, overflow)
+        refusal, self._data_refusal = self._data_refusal, None
+        self._data = self._headers = None
+        if self._buffer and not self.esmtp:
+            self._forbid_pipelining("a command after the end of data")
+            return False
+        self._finish_data(body, refusal)
         return True
 
-    def _finish_data(self, body: bytes, overflow: bool) -> None:
+    def _finish_data(self, body: bytes, refusal: Reply | None) -> None:
         txn, self.transaction = self.transaction, None
         assert txn is not None
-        if overflow or len(body) > self.limits.max_message_size:
-            self._send(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
-            self._note(txn, 552, len(body))
+        if refusal is None and len(body) > self.limits.max_message_size:
+            refusal = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        if refusal is not None:
+            self._send(refusal)
+            self._note(txn, refusal.code, len(body))
             return
         crlf = body.count(b"\r\n")
         if body.count(b"\r") != crlf or body.count(b"\n") != crlf:

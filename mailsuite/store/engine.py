@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,14 +64,21 @@ class Database:
             )
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A transaction that commits on success and rolls back on any exception."""
-        lock = self._write_lock or contextlib.nullcontext()
-        with lock, self.engine.connect() as conn:
+    def write(self, deadline: float | None = None) -> Iterator[Connection]:
+        """A transaction that commits on success and rolls back on any exception.
+
+        With a deadline (time.monotonic()), waiting for locks and running statements past it
+        raises and rolls back, so a caller that answers "failed" is never wrong.
+        """
+        with self._write_lock_until(deadline), self.engine.connect() as conn:
             conn = conn.execution_options(mailsuite_write=True)
             conn.info.pop(_CHANGED, None)
             try:
-                with conn.begin():
+                with self._bounded(conn, deadline), conn.begin():
+                    if deadline is not None and not self.is_sqlite:
+                        # Each statement, lock waits included (transaction-local setting).
+                        conn.execute(select(func.set_config(
+                            "statement_timeout", str(_remaining_ms(deadline)), True)))
                     yield conn
                     changed = conn.info.get(_CHANGED)
                     if changed and not self.is_sqlite:
@@ -82,13 +90,42 @@ class Database:
         if changed and self.on_change is not None:
             self.on_change(changed)
 
-    def write_batch(self, items: Sequence[T], run: Callable[[Connection, Sequence[T]], list[Any]]
-                    ) -> list[Any]:
+    @contextlib.contextmanager
+    def _write_lock_until(self, deadline: float | None) -> Iterator[None]:
+        if self._write_lock is None:
+            yield
+            return
+        wait = -1 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not self._write_lock.acquire(timeout=wait):
+            raise TimeoutError("the write lock was not free before the deadline")
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: Connection, deadline: float | None) -> Iterator[None]:
+        """On SQLite, make lock waits and statements of this transaction end by `deadline`."""
+        if deadline is None or not self.is_sqlite:
+            yield
+            return
+        raw = conn.connection.dbapi_connection
+        raw.execute(f"PRAGMA busy_timeout={_remaining_ms(deadline)}")
+        raw.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+        try:
+            yield
+        finally:
+            raw.set_progress_handler(None, 0)
+            raw.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+    def write_batch(self, items: Sequence[T], run: Callable[[Connection, Sequence[T]], list[Any]],
+                    timeout: float | None = None) -> list[Any]:
         """run(conn, items) in one transaction, one result per item; if that fails, each item
         in a transaction of its own, so one bad item never costs the others (its result is
-        then its exception)."""
+        then its exception). A timeout bounds all of it: past it, the work is rolled back."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            with self.write() as conn:
+            with self.write(deadline) as conn:
                 return run(conn, items)
         except Exception as exc:
             if len(items) == 1:
@@ -96,7 +133,7 @@ class Database:
         results: list[Any] = []
         for item in items:
             try:
-                with self.write() as conn:
+                with self.write(deadline) as conn:
                     results.extend(run(conn, [item]))
             except Exception as exc:
                 results.append(exc)
@@ -134,6 +171,13 @@ class Database:
             hide_password=False)
 
 
+def _remaining_ms(deadline: float) -> int:
+    return max(int((deadline - time.monotonic()) * 1000), 1)
+
+
+_BUSY_TIMEOUT_MS = 30000
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +187,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

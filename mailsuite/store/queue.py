@@ -114,10 +114,11 @@ class QueueMixin:
     db: Database
 
     # --- accepting -----------------------------------------------------------------------
-    def submit_many(self, items: list[Submission]) -> list[Any]:
+    def submit_many(self, items: list[Submission], timeout: float | None = None) -> list[Any]:
         """Commit many accepted messages in one transaction (each one on its own if that
-        fails); an item's entry is its queue id, or the exception that refused it."""
-        return self.db.write_batch(items, self._submit_all)
+        fails); an item's entry is its queue id, or the exception that refused it. Past
+        `timeout` seconds the work is rolled back and the items fail."""
+        return self.db.write_batch(items, self._submit_all, timeout)
 
     def _submit_all(self, conn: Connection, items: Sequence[Submission]) -> list[str]:
         now = datetime.now(UTC)

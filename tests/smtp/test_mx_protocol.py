@@ -144,6 +144,7 @@ def test_too_many_junk_commands_get_421_4_7_0_and_the_connection_is_closed(
     limit = 3
     server = start_mailsuite({"smtp": {"max_junk_commands": limit}})
     client = connect(server)
+    ehlo(client)  # pipelining is offered from here on (before it: see test_mx_pipelining)
     client.send(b"XYZZY\r\n" * (limit + 2))
     replies = []
     while True:
