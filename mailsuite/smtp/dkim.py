@@ -18,6 +18,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailsuite.smtp import dkimcanon  # noqa: F401  (linear body canonicalization for signing)
+
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
 ALGORITHMS = (RSA_SHA256, ED25519_SHA256)
