@@ -102,6 +102,10 @@ def sender_zones(dkim_public: str) -> dict[str, Any]:
             "_dmarc.dkim.test": [txt("v=DMARC1; p=quarantine")],
             "nodmarc.test": [txt("v=spf1 ip4:127.0.0.1 -all")],
             "bounces.spf-pass.test": [txt("v=spf1 ip4:127.0.0.1 -all")],
+            # DKIM the only way to pass DMARC, whose policy asks for nothing (p=none).
+            "monitor.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            f"{DKIM_SELECTOR}._domainkey.monitor.test": [dkim_record],
+            "_dmarc.monitor.test": [txt("v=DMARC1; p=none")],
         },
         "servfail": ["servfail.test"],
         "timeout": ["timeout.test"],

@@ -7,10 +7,13 @@ authserv-id, right after the trace fields we add, and the rest of the message by
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import hashlib
 import re
 import secrets
 import smtplib
+import time
 from collections.abc import Callable
 
 import authres
@@ -241,6 +244,93 @@ def test_dkim_garbage_signature_is_a_permerror_or_fail_and_the_message_is_accept
 def test_dkim_is_none_without_a_signature(mailsuite: Mailsuite) -> None:
     header = check(mailsuite, "sender@spf-pass.test", "sender@spf-pass.test")
     assert one(header, "dkim") == ("none", {})
+
+
+# --- what a signature earns (RFC 6376 5.4, RFC 8301, l=) ------------------------------------
+def monitor_message(body: bytes = b"Signed body line one.\r\nLine two.\r\n") -> bytes:
+    """From monitor.test: SPF fails from 127.0.0.1 and DMARC asks for nothing (p=none), so
+    only an aligned DKIM pass can make DMARC pass and nothing is filed away."""
+    return make_message("news@monitor.test", body=body)
+
+
+def sign_monitor(message: bytes, private_pem: bytes, **options: object) -> bytes:
+    return dkim.sign(message, b"sel", b"monitor.test", private_pem,
+                     include_headers=SIGNED_HEADERS, **options) + message
+
+
+def sign_without_from(message: bytes, private_pem: bytes) -> bytes:
+    """A valid signature whose h= leaves From out; dkimpy refuses to make one, so it is
+    assembled from its parts with dkimpy's own header hashing."""
+    signer = dkim.DKIM(message)
+    canon = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    body_hash = base64.b64encode(hashlib.sha256(canon.canonicalize_body(signer.body)).digest())
+    fields = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"),
+              (b"d", b"monitor.test"), (b"s", b"sel"), (b"t", str(int(time.time())).encode()),
+              (b"h", b"to : subject : date"), (b"bh", body_hash), (b"b", b"0" * 60)]
+    signer.hasher = hashlib.sha256
+    value = signer.gen_header(fields, (b"to", b"subject", b"date"), canon, b"DKIM-Signature",
+                              dkim.crypto.parse_pem_private_key(private_pem))
+    return b"DKIM-Signature: " + value + message
+
+
+def dkimpy_accepts(signed: bytes, public: str) -> bool:
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        return f"v=DKIM1; k=rsa; p={public}".encode()
+
+    return dkim.verify(signed, dnsfunc=dnsfunc)
+
+
+def test_dkim_aligned_signature_of_a_p_none_domain_passes_dmarc(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    """The control for the cases below: signed properly, the same message earns credit."""
+    signed = sign_monitor(monitor_message(), dkim_key[0])
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "spf")[0] == "fail"
+    assert one(header, "dkim")[0] == "pass"
+    assert one(header, "dmarc") == ("pass", {"header.from": "monitor.test",
+                                             "policy.dmarc": "none"})
+
+
+def test_dkim_signature_that_does_not_sign_from_is_permerror_and_earns_no_alignment(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_without_from(monitor_message(), dkim_key[0])
+    assert dkimpy_accepts(signed, dkim_key[1])  # cryptographically sound: only h= is wrong
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    result, props = one(header, "dkim")
+    assert result == "permerror", str(header)
+    assert props.get("header.d") == "monitor.test"
+    assert one(header, "dmarc")[0] == "fail"
+
+
+def test_dkim_rsa_sha1_signature_fails(mailsuite: Mailsuite,
+                                       dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], signature_algorithm=b"rsa-sha1")
+    assert b"a=rsa-sha1" in signed
+    assert dkimpy_accepts(signed, dkim_key[1])
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "dkim")[0] == "fail", str(header)
+    assert one(header, "dmarc")[0] == "fail"
+
+
+def test_dkim_l_tag_covering_the_whole_body_passes(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], length=True)
+    assert re.search(rb"\bl=\d+", signed)
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "dkim")[0] == "pass", str(header)
+    assert one(header, "dmarc")[0] == "pass"
+
+
+def test_dkim_l_tag_with_content_appended_after_it_is_policy_and_earns_no_alignment(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], length=True)
+    extended = signed + b"Click here to confirm your password: http://evil.test/\r\n"
+    assert dkimpy_accepts(extended, dkim_key[1])  # the signed part is intact
+    header = our_results(deliver(mailsuite, extended, "news@monitor.test"), extended)
+    result, props = one(header, "dkim")
+    assert result == "policy", str(header)
+    assert props.get("header.d") == "monitor.test"
+    assert one(header, "dmarc")[0] == "fail"
 
 
 # --- ARC (RFC 8617) --------------------------------------------------------------------------
