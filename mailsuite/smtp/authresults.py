@@ -147,6 +147,8 @@ class DMARCOutcome:
     policy: str | None = None
     pct: int = 100
     reason: str | None = None
+    #: several From fields or addresses: no single author domain to evaluate
+    ambiguous: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,7 +355,8 @@ def _check_signature(message: ParsedMessage, index: int, resolver: dns.resolver.
         return DKIMOutcome("permerror", **found)
     if not ok:
         return DKIMOutcome("temperror" if failures else "fail", **found)
-    if b"l" in tags and _body_length(message.body, tags, bodies) > int(tags[b"l"]):
+    length = tags.get(b"l", b"").strip()
+    if length and (not length.isdigit() or _body_length(message.body, tags, bodies) > int(length)):
         # The signature covers only the start of the body; what follows is anyone's.
         return DKIMOutcome("policy", reason="l= does not cover the whole body", **found)
     return DKIMOutcome("pass", **found)
@@ -376,6 +379,8 @@ def _check_arc(message: ParsedMessage, resolver: dns.resolver.Resolver) -> ARCOu
         return ARCOutcome("fail")
     wanted: Counter[bytes] = Counter()
     for i in indexes:
+        if len(message.fields[i][1]) > MAX_SIGNATURE_FIELD:
+            return ARCOutcome("fail")
         tags = _signature_tags(message.fields[i][1])
         if tags is None and message.names[i] != b"arc-authentication-results":
             return ARCOutcome("fail")
@@ -402,20 +407,22 @@ def _check_arc(message: ParsedMessage, resolver: dns.resolver.Resolver) -> ARCOu
     return ARCOutcome("fail" if cv == dkim.CV_Fail else "none")
 
 
-def _header_from_domain(message: ParsedMessage) -> tuple[str | None, str | None]:
-    """(the RFC5322.From domain, None) when there is exactly one From field with one
-    address; else (None, why not)."""
+def _header_from_domain(message: ParsedMessage) -> tuple[str | None, str | None, bool]:
+    """(the RFC5322.From domain, None, False) when there is exactly one From field with one
+    address; else (None, why not, whether it names several authors)."""
     values = [message.fields[i][1] for i, name in enumerate(message.names) if name == b"from"]
     if len(values) != 1:
-        return None, f"{len(values)} From fields"
+        return None, f"{len(values)} From fields", len(values) > 1
     if len(values[0]) > MAX_FROM_FIELD:
-        return None, "From field too large"
+        return None, "From field too large", False
     text = values[0].replace(b"\r\n", b"").decode("utf-8", "replace")
     addresses = email.utils.getaddresses([text])
     if len(addresses) != 1 or "@" not in addresses[0][1]:
-        return None, "From does not hold one address"
+        return None, "From does not hold one address", len(addresses) > 1
     domain = addresses[0][1].rpartition("@")[2].lower().rstrip(".")
-    return (domain, None) if _property(domain.encode("utf-8")) else (None, "bad From domain")
+    if not _property(domain.encode("utf-8")):
+        return None, "bad From domain", False
+    return domain, None, False
 
 
 def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> tuple[str | None, str | None]:
@@ -442,9 +449,9 @@ def _lookup_dmarc_record(resolver: dns.resolver.Resolver,
 
 def _check_dmarc(message: ParsedMessage, resolver: dns.resolver.Resolver, mail_from: str,
                  spf_result: str, dkim_outcomes: list[DKIMOutcome]) -> DMARCOutcome:
-    domain, problem = _header_from_domain(message)
+    domain, problem, ambiguous = _header_from_domain(message)
     if domain is None:
-        return DMARCOutcome("permerror", reason=problem)
+        return DMARCOutcome("permerror", reason=problem, ambiguous=ambiguous)
     try:
         record, org_domain = _dmarc_record(resolver, domain)
     except TemporaryDNSError:

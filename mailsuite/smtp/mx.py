@@ -283,6 +283,12 @@ def dmarc_action(verdict: authresults.Verdict, config: MXConfig, roll: float) ->
     OpenDMARC does: accepting could let a forgery through, rejecting could refuse good mail.
     """
     dmarc = verdict.dmarc
+    if config.dmarc_enforce and dmarc.ambiguous:
+        # RFC 7489 6.6.1: with several authors there is no domain to evaluate, and a reader
+        # may be shown any of them: the way round every DMARC policy.
+        return Action("reject", Reply(550, "5.7.1", "Message rejected: DMARC needs exactly "
+                                      "one From address (RFC 7489 6.6.1)"),
+                      {"dmarc": dmarc.result, "reason": "dmarc ambiguous from"})
     if not config.dmarc_enforce or dmarc.result not in ("fail", "temperror"):
         return Action("accept")
     domain = dmarc.from_domain or ""

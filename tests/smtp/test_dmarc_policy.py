@@ -12,6 +12,7 @@ import smtplib
 from collections.abc import Callable
 
 import dkim
+import pytest
 
 from mailsuite.config import MXConfig
 from mailsuite.smtp import authresults
@@ -93,6 +94,21 @@ def test_sp_applies_to_a_subdomain_without_its_own_record(mailsuite: Mailsuite) 
                          "sender@nothing.test", "Junk")
     assert one(found["header"], "dmarc") == ("fail", {"header.from": "sub.org-reject.test",
                                                       "policy.dmarc": "quarantine"})
+
+
+@pytest.mark.parametrize("froms", [
+    b"From: <boss@spf-fail.test>\r\nFrom: <news@nothing.test>\r\n",
+    b"From: <news@nothing.test>\r\nFrom : <boss@spf-fail.test>\r\n",
+    b"From: <boss@spf-fail.test>, <news@nothing.test>\r\n",
+], ids=["two-fields", "obsolete-second-field", "two-addresses"])
+def test_several_from_authors_are_refused(mailsuite: Mailsuite, froms: bytes) -> None:
+    """Otherwise DMARC has no domain to judge (permerror) and p=reject is bypassed."""
+    message = froms + make_message("x@nothing.test").split(b"\r\n", 1)[1]
+    code, text, recipient = send(mailsuite, message, "news@nothing.test")
+    assert (code, text[:5]) == (550, "5.7.1"), text
+    assert mailboxes(mailsuite, recipient) == {"INBOX": [], "Junk": []}
+    [event] = events(mailsuite, "rejected", recipients=[recipient])
+    assert event["reason"] == "dmarc ambiguous from" and event["code"] == 550
 
 
 # --- pct (RFC 7489 6.6.4) --------------------------------------------------------------------
