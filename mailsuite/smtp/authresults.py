@@ -17,7 +17,7 @@ import email.utils
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import authres
@@ -30,8 +30,8 @@ import dns.resolver
 import spf
 from publicsuffix2 import PublicSuffixList
 
-from mailsuite.mime import split_message
-from mailsuite.smtp import dkimcanon
+from mailsuite.smtp import dkimlinear
+from mailsuite.smtp.dkimlinear import ParsedMessage, parse_message
 from mailsuite.smtp.dns import TemporaryDNSError, txt_records
 
 #: DKIM signatures checked per message; the rest are ignored (each costs DNS and RSA).
@@ -47,9 +47,6 @@ MAX_ARC_SETS = 50
 MAX_FROM_FIELD = 16384
 
 _ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
-# A field name: printable US-ASCII except the colon (RFC 5322 2.2), then the optional
-# whitespace that the obsolete syntax allows before the colon (RFC 5322 4.5).
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*\Z")
 # A whitespace run this long has no place in a signature field and would make dkimpy's
 # tag regexes (such as the h= split) quadratic in it.
 _LONG_WHITESPACE = re.compile(rb"\s{256}")
@@ -86,42 +83,6 @@ def organizational_domain(domain: str) -> str:
 class SPFOutcome:
     result: str
     comment: str
-
-
-@dataclass
-class ParsedMessage:
-    """A message split in one linear pass, header fields in dkimpy's shape: [name, value],
-    the value as on the wire after the colon, continuation lines and final CRLF included."""
-
-    fields: list[tuple[bytes, bytes]]
-    names: list[bytes]  # each field's name, lower-cased, without trailing whitespace
-    body: bytes
-    defects: list[str] = field(default_factory=list)
-
-
-def parse_message(raw: bytes) -> ParsedMessage:
-    """Split `raw` into header fields and body; lines that are no field are defects, skipped."""
-    head, body = split_message(raw)
-    lines = head.split(b"\r\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    pending: list[tuple[bytes, list[bytes]]] = []
-    defects: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if line[:1] in (b" ", b"\t"):
-            if pending:
-                pending[-1][1].append(line)
-            else:
-                defects.append("the header section starts with a continuation line")
-            continue
-        colon = line.find(b":")
-        if colon <= 0 or _FIELD_NAME.match(line, 0, colon) is None:
-            defects.append(f"header line {number} is not a header field")
-            continue
-        pending.append((line[:colon], [line[colon + 1:]]))
-    fields = [(name, b"\r\n".join(parts) + b"\r\n") for name, parts in pending]
-    names = [name.rstrip(b" \t").lower() for name, _ in fields]
-    return ParsedMessage(fields, names, body, defects)
 
 
 @dataclass(frozen=True)
@@ -227,7 +188,7 @@ def check_message(raw: bytes, authserv_id: str, resolver: dns.resolver.Resolver,
                   ip: str, helo: str, mail_from: str, spf_outcome: SPFOutcome) -> Verdict:
     """DKIM, ARC and DMARC of `raw` (SPF was checked on the envelope) and their header."""
     message = parse_message(raw)
-    with dkimcanon.once_per_body():
+    with dkimlinear.once_per_body():
         dkim_outcomes = _check_dkim(message, resolver)
         arc = _check_arc(message, resolver)
     dmarc_outcome = _check_dmarc(message, resolver, mail_from or f"postmaster@{helo}",
