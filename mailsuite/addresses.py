@@ -7,7 +7,11 @@ never reinterpreted as routing.
 
 from __future__ import annotations
 
+import contextlib
+import email.errors
+import email.header
 import re
+import unicodedata
 from dataclasses import dataclass
 
 # RFC 5321 4.1.2 / RFC 5322 atext; RFC 6531 extends atext with any non-ASCII UTF-8.
@@ -19,6 +23,16 @@ _LABEL += r"[A-Za-z0-9\u0080-\U0010ffff])?)"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN.pattern}(?:,@{_DOMAIN.pattern})*:")
+
+
+# Text that reads as an address anywhere in a header value (display names, comments and
+# quoted strings included), matched around each "@": the local part that ends right before
+# it (matched on the reversed text, so anchored), the domain that follows. Every repetition
+# is bounded, so the cost is linear.
+_LOCAL_REVERSED = re.compile(
+    r'"[^"\r\n]{0,64}"|[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.\-\u0080-\U0010ffff]{1,64}')
+_DOMAIN_AFTER = re.compile(
+    r"(?:[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}\.){1,8}[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}")
 
 
 class AddressError(ValueError):
@@ -100,3 +114,25 @@ def parse_account_address(text: str) -> Address:
     if address.local.startswith('"') or address.is_ip_literal:
         raise AddressError(f"invalid address: {text!r}")
     return Address(address.local, parse_domain(address.domain))
+
+
+def mentioned_addresses(value: str) -> list[str]:
+    """Every address a reader could see in a header field value, lower-cased: those in
+    display names and comments too, in the raw text and after decoding RFC 2047 encoded
+    words, with look-alike characters (a full-width @) folded by NFKC."""
+    texts = [value]
+    # Undecodable words stay as they are; the raw text is searched either way.
+    with contextlib.suppress(email.errors.HeaderParseError, LookupError, UnicodeError,
+                             ValueError):
+        texts.append(str(email.header.make_header(email.header.decode_header(value))))
+    found: dict[str, None] = {}
+    for text in (unicodedata.normalize("NFKC", t) for t in texts):
+        at = text.find("@")
+        while at >= 0:
+            domain = _DOMAIN_AFTER.match(text, at + 1)
+            if domain:
+                local = _LOCAL_REVERSED.match(text[max(0, at - 66):at][::-1])
+                address = (local.group(0)[::-1] if local else "") + "@" + domain.group(0)
+                found[address.lower().rstrip(".")] = None
+            at = text.find("@", at + 1)
+    return list(found)

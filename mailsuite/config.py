@@ -80,6 +80,26 @@ class SMTPConfig:
 @dataclass(frozen=True)
 class MXConfig:
     auth_checks: bool = True
+    #: apply DMARC p=reject (550 after DATA) and p=quarantine (into Junk), and defer (451)
+    #: a message whose p=reject check met a temporary DNS failure
+    dmarc_enforce: bool = True
+    #: From domains (and their subdomains) whose DMARC failures are recorded, never enforced
+    dmarc_exempt: str = ""
+    #: domains whose passing ARC seal (the newest in the chain) overrides a DMARC failure
+    arc_trusted_sealers: str = ""
+
+    @property
+    def dmarc_exempt_domains(self) -> frozenset[str]:
+        return domain_set(self.dmarc_exempt)
+
+    @property
+    def arc_trusted_domains(self) -> frozenset[str]:
+        return domain_set(self.arc_trusted_sealers)
+
+
+def domain_set(text: str) -> frozenset[str]:
+    """Domains listed in `text`, separated by spaces or commas, lower-cased."""
+    return frozenset(d.lower().rstrip(".") for d in text.replace(",", " ").split())
 
 
 @dataclass(frozen=True)
@@ -354,6 +374,10 @@ def _validate(config: Config, name: str, text: str) -> None:
             value = getattr(config.listen, key)
             if value and parse_tcp_endpoint(value) is None:
                 fail("listen", key, "with server.reuse_port, use a tcp: or tcp6: endpoint")
+    for key in ("dmarc_exempt", "arc_trusted_sealers"):
+        for domain in domain_set(getattr(config.mx, key)):
+            if not re.fullmatch(r"[a-z0-9_.-]+\.[a-z0-9-]+", domain):
+                fail("mx", key, f"{domain!r} is not a domain name")
     if config.pop3.idle_timeout <= 0:
         fail("pop3", "idle_timeout", "must be positive")
     if config.pop3.max_connections_per_ip < 1:

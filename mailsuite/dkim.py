@@ -18,6 +18,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailsuite.dkimlinear import parse_message
+
 RSA_SHA256 = "rsa-sha256"
 ED25519_SHA256 = "ed25519-sha256"
 ALGORITHMS = (RSA_SHA256, ED25519_SHA256)
@@ -82,10 +84,15 @@ def sign_message(raw: bytes, keys: Sequence[DKIMKey]) -> bytes:
     Raises dkim.DKIMException when the header section cannot be parsed.
     """
     ordered = sorted(keys, key=lambda k: k.algorithm != RSA_SHA256)
+    # Split by us, not by dkimpy, whose parser is quadratic in a long folded field.
+    message = parse_message(raw)
+    if ordered and message.defects:
+        raise dkim.MessageFormatError(message.defects[0])
     signatures = []
     for key in ordered:
-        signer = dkim.DKIM(raw, signature_algorithm=key.algorithm.encode("ascii"),
-                           linesep=b"\r\n")
+        signer = dkim.DKIM(signature_algorithm=key.algorithm.encode("ascii"), linesep=b"\r\n")
+        signer.headers = [list(f) for f in message.fields]
+        signer.body = message.body
         # FROZEN already holds "from"; stated again so a dkimpy default change cannot drop
         # the oversigning that stops a second From from being added after signing.
         signer.add_frozen((b"from",))

@@ -102,6 +102,20 @@ def sender_zones(dkim_public: str) -> dict[str, Any]:
             "_dmarc.dkim.test": [txt("v=DMARC1; p=quarantine")],
             "nodmarc.test": [txt("v=spf1 ip4:127.0.0.1 -all")],
             "bounces.spf-pass.test": [txt("v=spf1 ip4:127.0.0.1 -all")],
+            # DKIM the only way to pass DMARC, whose policy asks for nothing (p=none).
+            "monitor.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            f"{DKIM_SELECTOR}._domainkey.monitor.test": [dkim_record],
+            "_dmarc.monitor.test": [txt("v=DMARC1; p=none")],
+            # DMARC policy enforcement: SPF fails from 127.0.0.1 and nothing is signed.
+            "reject-pct0.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            "_dmarc.reject-pct0.test": [txt("v=DMARC1; p=reject; pct=0")],
+            "reject-pct100.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            "_dmarc.reject-pct100.test": [txt("v=DMARC1; p=reject; pct=100")],
+            "quarantine-pct0.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
+            "_dmarc.quarantine-pct0.test": [txt("v=DMARC1; p=quarantine; pct=0")],
+            "_dmarc.org-reject.test": [txt("v=DMARC1; p=reject; sp=quarantine")],
+            # An ARC sealer (a mailing list) with the DKIM test key.
+            f"{DKIM_SELECTOR}._domainkey.lists.test": [dkim_record],
         },
         "servfail": ["servfail.test"],
         "timeout": ["timeout.test"],

@@ -3,6 +3,12 @@
 Evaluation is done by libraries (pyspf, dkimpy, dmarc); this module feeds them the message
 and our resolver, maps DNS trouble to temperror, and builds the RFC 8601 header with authres.
 Blocking (DNS, RSA): call it in a thread.
+
+Every check is total and linear in the size of the message. The header section is split
+here, in one pass; dkimpy never parses the message itself (its parser is quadratic on long
+folded fields and raises on malformed lines) and is handed only the fields a signature names,
+each signature field size-capped. Nothing that a message contains makes these functions raise:
+a malformed header section makes its signatures permerror, never an exception.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +24,34 @@ import authres
 import authres.arc
 import authres.dmarc
 import dkim
+import dkim.util
 import dmarc
 import dns.resolver
 import spf
 from publicsuffix2 import PublicSuffixList
 
+from mailsuite import dkimlinear
+from mailsuite.dkimlinear import ParsedMessage, parse_message
 from mailsuite.smtp.dns import TemporaryDNSError, txt_records
+
+#: DKIM signatures checked per message; the rest are ignored (each costs DNS and RSA).
+MAX_SIGNATURES = 8
+#: A DKIM-Signature or ARC field larger than this is refused unparsed: real ones are under
+#: 3 KB (an 8192-bit b= is 1.4 KB), and dkimpy's tag regexes are not linear in them.
+MAX_SIGNATURE_FIELD = 8192
+#: Names a signature's h= may list; real signers list under 50, oversigning included.
+MAX_SIGNED_FIELDS = 128
+#: ARC sets (RFC 8617 5.1.1 fails chains longer than 50).
+MAX_ARC_SETS = 50
+#: A From field larger than this is not parsed for DMARC (a single address needs far less).
+MAX_FROM_FIELD = 16384
+
+_ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-results")
+# A whitespace run this long has no place in a signature field and would make dkimpy's
+# tag regexes (such as the h= split) quadratic in it.
+_LONG_WHITESPACE = re.compile(rb"\s{256}")
+# What a reported property (header.d and the like) may hold: it goes into our own header.
+_SAFE_PROPERTY = re.compile(r"[A-Za-z0-9._@+=-]{1,255}\Z")
 
 
 class _OrgDomains:
@@ -44,13 +73,61 @@ class _OrgDomains:
 
 
 _ORG = _OrgDomains()
-_FROM_RE = re.compile(rb"^from:", re.I)
+
+
+def organizational_domain(domain: str) -> str:
+    return _ORG.get_public_suffix(domain)
 
 
 @dataclass(frozen=True)
 class SPFOutcome:
     result: str
     comment: str
+
+
+@dataclass(frozen=True)
+class DKIMOutcome:
+    result: str  # RFC 8601: pass, fail, policy, neutral, temperror, permerror
+    domain: str | None = None
+    selector: str | None = None
+    identity: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ARCOutcome:
+    result: str  # none, pass, fail, temperror
+    sealer: str | None = None  # d= of the newest ARC-Seal of a chain that passes
+
+
+@dataclass(frozen=True)
+class DMARCOutcome:
+    result: str  # pass, fail, none, temperror, permerror
+    from_domain: str | None = None
+    #: the policy the From domain asks for on failure (p=, or sp= found at the org domain)
+    policy: str | None = None
+    pct: int = 100
+    reason: str | None = None
+    #: several From fields or addresses: no single author domain to evaluate
+    ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every result for one message, and the header that records them."""
+
+    header: str  # the full `Authentication-Results: ...` line, without CRLF
+    spf: SPFOutcome
+    dkim: tuple[DKIMOutcome, ...]
+    arc: ARCOutcome
+    dmarc: DMARCOutcome
+    defects: tuple[str, ...]
+
+    @property
+    def temperror(self) -> bool:
+        """SPF or a DKIM signature could not be evaluated for a temporary DNS failure."""
+        return self.spf.result == "temperror" or any(d.result == "temperror"
+                                                     for d in self.dkim)
 
 
 class _Recent:
@@ -107,11 +184,15 @@ def check_spf(ip: str, mail_from: str, helo: str, timeout: float) -> SPFOutcome:
     return outcome
 
 
-def authentication_results(raw: bytes, authserv_id: str, resolver: dns.resolver.Resolver,
-                           ip: str, helo: str, mail_from: str,
-                           spf_outcome: SPFOutcome) -> str:
-    """The full `Authentication-Results: ...` header line (without CRLF)."""
-    dkim_results = _check_dkim(raw, resolver)
+def check_message(raw: bytes, authserv_id: str, resolver: dns.resolver.Resolver,
+                  ip: str, helo: str, mail_from: str, spf_outcome: SPFOutcome) -> Verdict:
+    """DKIM, ARC and DMARC of `raw` (SPF was checked on the envelope) and their header."""
+    message = parse_message(raw)
+    with dkimlinear.once_per_body():
+        dkim_outcomes = _check_dkim(message, resolver)
+        arc = _check_arc(message, resolver)
+    dmarc_outcome = _check_dmarc(message, resolver, mail_from or f"postmaster@{helo}",
+                                 spf_outcome.result, dkim_outcomes)
     results: list[authres.AuthenticationResult] = [
         authres.SPFAuthenticationResult(
             result=spf_outcome.result,
@@ -119,15 +200,25 @@ def authentication_results(raw: bytes, authserv_id: str, resolver: dns.resolver.
             smtp_helo=None if mail_from else helo,
         )
     ]
-    if dkim_results:
-        results.extend(dkim_results)
-    else:
+    results.extend(authres.DKIMAuthenticationResult(
+        result=d.result, reason=d.reason, header_d=d.domain, header_s=d.selector,
+        header_i=d.identity) for d in dkim_outcomes)
+    if not dkim_outcomes:
         results.append(authres.DKIMAuthenticationResult(result="none"))
-    results.append(authres.arc.ARCAuthenticationResult(result=_check_arc(raw, resolver)))
-    results.append(_check_dmarc(raw, resolver, mail_from or f"postmaster@{helo}",
-                                spf_outcome.result, dkim_results))
-    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
-    return str(header)
+    results.append(authres.arc.ARCAuthenticationResult(result=arc.result))
+    results.append(authres.dmarc.DMARCAuthenticationResult(
+        result=dmarc_outcome.result, reason=dmarc_outcome.reason,
+        header_from=dmarc_outcome.from_domain, policy=dmarc_outcome.policy))
+    header = str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
+    return Verdict(header, spf_outcome, tuple(dkim_outcomes), arc, dmarc_outcome,
+                   tuple(message.defects))
+
+
+def authentication_results(raw: bytes, authserv_id: str, resolver: dns.resolver.Resolver,
+                           ip: str, helo: str, mail_from: str,
+                           spf_outcome: SPFOutcome) -> str:
+    """The full `Authentication-Results: ...` header line (without CRLF)."""
+    return check_message(raw, authserv_id, resolver, ip, helo, mail_from, spf_outcome).header
 
 
 def _dnsfunc(resolver: dns.resolver.Resolver, failures: list[str]):  # type: ignore[no-untyped-def]
@@ -145,62 +236,154 @@ def _dnsfunc(resolver: dns.resolver.Resolver, failures: list[str]):  # type: ign
     return lookup
 
 
-def _check_dkim(raw: bytes, resolver: dns.resolver.Resolver) -> list[authres.AuthenticationResult]:
-    verifier = dkim.DKIM(raw)
+def _signature_tags(value: bytes) -> dict[bytes, bytes] | None:
+    """The tag list of a DKIM-Signature or ARC field, None when it is unusable."""
+    if len(value) > MAX_SIGNATURE_FIELD or _LONG_WHITESPACE.search(value):
+        return None
     try:
-        signatures = [h for h in verifier.headers if h[0].lower() == b"dkim-signature"]
-    except Exception:
-        return [authres.DKIMAuthenticationResult(result="permerror")]
-    results = []
-    for index, (_, value) in enumerate(signatures[:8]):  # bound the work one message can cause
-        tags = _signature_tags(value)
-        failures: list[str] = []
-        try:
-            ok = verifier.verify(idx=index, dnsfunc=_dnsfunc(resolver, failures))
-            result = "pass" if ok else ("temperror" if failures else "fail")
-        except dkim.ValidationError:
-            result = "fail"  # e.g. the body hash does not match: the signature is broken
-        except dkim.DKIMException:
-            result = "permerror"  # malformed signature or key: it can never verify
-        results.append(authres.DKIMAuthenticationResult(
-            result=result, header_d=tags.get("d"), header_s=tags.get("s"),
-            header_i=tags.get("i")))
-    return results
+        return dkim.util.parse_tag_value(value)
+    except Exception:  # dkimpy's tag parser raises several types on malformed input
+        return None
 
 
-def _signature_tags(value: bytes) -> dict[str, str]:
-    tags = {}
-    for part in re.sub(rb"\s+", b"", value).split(b";"):
-        key, sep, val = part.partition(b"=")
-        if sep and key in (b"d", b"s", b"i"):
-            tags[key.decode("ascii", "replace")] = val.decode("utf-8", "replace")
-    return tags
+def _signed_names(tags: dict[bytes, bytes]) -> list[bytes] | None:
+    names = [name.strip().lower() for name in tags.get(b"h", b"").split(b":")]
+    if not names or len(names) > MAX_SIGNED_FIELDS or not all(names):
+        return None
+    return names
 
 
-def _check_arc(raw: bytes, resolver: dns.resolver.Resolver) -> str:
-    if b"arc-seal" not in raw[: raw.find(b"\r\n\r\n") + 2].lower():
-        return "none"
+def _property(value: bytes | None) -> str | None:
+    """A tag value fit to be quoted in our header, else None (it is then left out)."""
+    if value is None:
+        return None
+    text = re.sub(r"\s+", "", value.decode("utf-8", "replace"))
+    return text if _SAFE_PROPERTY.match(text) else None
+
+
+def _subset(message: ParsedMessage, wanted: Counter[bytes], keep: set[int]) -> list[Any]:
+    """The fields a verifier needs, in message order: those at the indexes in `keep`, and
+    the last n+1 of each name listed n times in `wanted`. One more than listed, because
+    dkimpy also hashes an extra From to catch a From added after signing; any further
+    instance could not be selected by h= (RFC 6376 5.4.2 picks them from the bottom up).
+    Bounding what dkimpy sees keeps its per-name scans (select_headers) small."""
+    remaining = {name: count + 1 for name, count in wanted.items()}
+    chosen = set(keep)
+    for index in range(len(message.names) - 1, -1, -1):
+        left = remaining.get(message.names[index], 0)
+        if left:
+            remaining[message.names[index]] = left - 1
+            chosen.add(index)
+    return sorted(chosen)
+
+
+def _check_dkim(message: ParsedMessage, resolver: dns.resolver.Resolver) -> list[DKIMOutcome]:
+    indexes = [i for i, name in enumerate(message.names) if name == b"dkim-signature"]
+    bodies: dict[bytes, int] = {}  # canonical body length by c= value
+    return [_check_signature(message, index, resolver, bodies)
+            for index in indexes[:MAX_SIGNATURES]]
+
+
+def _check_signature(message: ParsedMessage, index: int, resolver: dns.resolver.Resolver,
+                     bodies: dict[bytes, int]) -> DKIMOutcome:
+    tags = _signature_tags(message.fields[index][1])
+    if tags is None:
+        return DKIMOutcome("permerror", reason="unparsable signature")
+    found = {"domain": _property(tags.get(b"d")), "selector": _property(tags.get(b"s")),
+             "identity": _property(tags.get(b"i"))}
+    if message.defects:
+        return DKIMOutcome("permerror", reason="malformed header section", **found)
+    names = _signed_names(tags)
+    if names is None:
+        return DKIMOutcome("permerror", reason="unusable h= tag", **found)
+    if b"from" not in names:
+        # RFC 6376 5.4: a signature that does not cover From must be ignored.
+        return DKIMOutcome("permerror", reason="From is not signed", **found)
+    if tags.get(b"a", b"").strip().lower() == b"rsa-sha1":
+        return DKIMOutcome("fail", reason="rsa-sha1 is not accepted (RFC 8301)", **found)
+    chosen = _subset(message, Counter(names), {index})
+    verifier = dkim.DKIM()
+    verifier.headers = [list(message.fields[i]) for i in chosen]
+    verifier.body = message.body
+    # dkimpy picks the signature to check by its rank among the DKIM-Signature fields.
+    rank = sum(1 for i in chosen if i < index and message.names[i] == b"dkim-signature")
     failures: list[str] = []
     try:
-        cv, _, _ = dkim.arc_verify(raw, dnsfunc=_dnsfunc(resolver, failures))
-    except Exception:
-        return "temperror" if failures else "fail"
+        ok = verifier.verify(idx=rank, dnsfunc=_dnsfunc(resolver, failures))
+    except dkim.ValidationError:
+        return DKIMOutcome("fail", **found)  # e.g. the body hash does not match
+    except Exception:  # a malformed signature or key (any dkimpy error): it never verifies
+        return DKIMOutcome("permerror", **found)
+    if not ok:
+        return DKIMOutcome("temperror" if failures else "fail", **found)
+    length = tags.get(b"l", b"").strip()
+    if length and (not length.isdigit() or _body_length(message.body, tags, bodies) > int(length)):
+        # The signature covers only the start of the body; what follows is anyone's.
+        return DKIMOutcome("policy", reason="l= does not cover the whole body", **found)
+    return DKIMOutcome("pass", **found)
+
+
+def _body_length(body: bytes, tags: dict[bytes, bytes], bodies: dict[bytes, int]) -> int:
+    c = tags.get(b"c", b"simple/simple")
+    if c not in bodies:
+        policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(c)
+        bodies[c] = len(policy.canonicalize_body(body))
+    return bodies[c]
+
+
+def _check_arc(message: ParsedMessage, resolver: dns.resolver.Resolver) -> ARCOutcome:
+    indexes = [i for i, name in enumerate(message.names) if name in _ARC_FIELDS]
+    seals = sum(1 for i in indexes if message.names[i] == b"arc-seal")
+    if not seals:
+        return ARCOutcome("none")
+    if message.defects or seals > MAX_ARC_SETS or len(indexes) > 3 * MAX_ARC_SETS:
+        return ARCOutcome("fail")
+    wanted: Counter[bytes] = Counter()
+    for i in indexes:
+        if len(message.fields[i][1]) > MAX_SIGNATURE_FIELD:
+            return ARCOutcome("fail")
+        tags = _signature_tags(message.fields[i][1])
+        if tags is None and message.names[i] != b"arc-authentication-results":
+            return ARCOutcome("fail")
+        if message.names[i] == b"arc-message-signature":
+            names = _signed_names(tags or {})
+            if names is None:
+                return ARCOutcome("fail")
+            wanted |= Counter(names)  # per name, the most any one signature lists
+    if sum(wanted.values()) > 8 * MAX_SIGNED_FIELDS:
+        return ARCOutcome("fail")
+    verifier = dkim.ARC()
+    verifier.headers = [list(message.fields[i]) for i in _subset(message, wanted, set(indexes))]
+    verifier.body = message.body
+    failures: list[str] = []
+    try:
+        cv, results, _ = verifier.verify(dnsfunc=_dnsfunc(resolver, failures))
+    except Exception:  # dkimpy raises more than DKIMException on malformed sets
+        return ARCOutcome("temperror" if failures else "fail")
     if failures:
-        return "temperror"
-    return {dkim.CV_Pass: "pass", dkim.CV_Fail: "fail"}.get(cv, "none")
+        return ARCOutcome("temperror")
+    if cv == dkim.CV_Pass:
+        sealer = _property(results[0].get("as-domain")) if results else None
+        return ARCOutcome("pass", sealer.lower() if sealer else None)
+    return ARCOutcome("fail" if cv == dkim.CV_Fail else "none")
 
 
-def _header_from_domain(raw: bytes) -> str | None:
-    """The RFC5322.From domain, when there is exactly one From header with one address."""
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    unfolded = re.sub(rb"\r\n[ \t]", b" ", head).split(b"\r\n")
-    values = [line.split(b":", 1)[1] for line in unfolded if _FROM_RE.match(line)]
+def _header_from_domain(message: ParsedMessage) -> tuple[str | None, str | None, bool]:
+    """(the RFC5322.From domain, None, False) when there is exactly one From field with one
+    address; else (None, why not, whether it names several authors)."""
+    values = [message.fields[i][1] for i, name in enumerate(message.names) if name == b"from"]
     if len(values) != 1:
-        return None
-    addresses = email.utils.getaddresses([values[0].decode("utf-8", "replace")])
+        return None, f"{len(values)} From fields", len(values) > 1
+    if len(values[0]) > MAX_FROM_FIELD:
+        return None, "From field too large", False
+    text = values[0].replace(b"\r\n", b"").decode("utf-8", "replace")
+    addresses = email.utils.getaddresses([text])
     if len(addresses) != 1 or "@" not in addresses[0][1]:
-        return None
-    return addresses[0][1].rpartition("@")[2].lower().rstrip(".")
+        return None, "From does not hold one address", len(addresses) > 1
+    domain = addresses[0][1].rpartition("@")[2].lower().rstrip(".")
+    if not _property(domain.encode("utf-8")):
+        return None, "bad From domain", False
+    return domain, None, False
 
 
 def _dmarc_record(resolver: dns.resolver.Resolver, domain: str) -> tuple[str | None, str | None]:
@@ -225,32 +408,33 @@ def _lookup_dmarc_record(resolver: dns.resolver.Resolver,
     return None, None
 
 
-def _check_dmarc(raw: bytes, resolver: dns.resolver.Resolver, mail_from: str, spf_result: str,
-                 dkim_results: list[authres.AuthenticationResult]) -> authres.AuthenticationResult:
-    domain = _header_from_domain(raw)
+def _check_dmarc(message: ParsedMessage, resolver: dns.resolver.Resolver, mail_from: str,
+                 spf_result: str, dkim_outcomes: list[DKIMOutcome]) -> DMARCOutcome:
+    domain, problem, ambiguous = _header_from_domain(message)
     if domain is None:
-        return authres.dmarc.DMARCAuthenticationResult(result="permerror")
+        return DMARCOutcome("permerror", reason=problem, ambiguous=ambiguous)
     try:
         record, org_domain = _dmarc_record(resolver, domain)
     except TemporaryDNSError:
-        return authres.dmarc.DMARCAuthenticationResult(result="temperror", header_from=domain)
+        return DMARCOutcome("temperror", domain)
     if record is None:
-        return authres.dmarc.DMARCAuthenticationResult(result="none", header_from=domain)
+        return DMARCOutcome("none", domain)
     evaluator = dmarc.DMARC(publicsuffix=_ORG)
     try:
         policy = evaluator.parse_record(record, domain=domain, org_domain=org_domain)
-    except dmarc.Error:
-        return authres.dmarc.DMARCAuthenticationResult(result="permerror", header_from=domain)
-    spf_domain = mail_from.rpartition("@")[2].lower()
-    spf_verdict = dmarc.SPF(domain=spf_domain, result=dmarc.SPFResult(spf_result))
-    dkim_verdicts = [
-        dmarc.DKIM(domain=r.header_d.lower(), result=dmarc.DKIMResult(r.result))
-        for r in dkim_results if getattr(r, "header_d", None)
-    ]
-    outcome = evaluator.get_result(
-        policy, auth_results=dmarc.AuthResults(spf=spf_verdict, dkim=dkim_verdicts or None))
-    passed = outcome.result is dmarc.DMARCResult.PASS
-    return authres.dmarc.DMARCAuthenticationResult(
-        result="pass" if passed else "fail", header_from=domain,
-        policy=outcome.disposition.value if not passed else policy.p.value)
-
+        spf_domain = mail_from.rpartition("@")[2].lower()
+        spf_verdict = dmarc.SPF(domain=spf_domain, result=dmarc.SPFResult(spf_result))
+        # Only a pass earns alignment; policy (a partial l= signature) and the rest do not.
+        dkim_verdicts = [dmarc.DKIM(domain=d.domain.lower(), result=dmarc.DKIMResult.PASS)
+                         for d in dkim_outcomes if d.result == "pass" and d.domain]
+        outcome = evaluator.get_result(
+            policy, auth_results=dmarc.AuthResults(spf=spf_verdict,
+                                                   dkim=dkim_verdicts or None))
+    except Exception:  # the dmarc library raises several types on malformed records
+        return DMARCOutcome("permerror", domain, reason="unusable DMARC record")
+    requested = (policy.sp if org_domain and policy.sp is not dmarc.DMARCDisposition.UNSPECIFIED
+                 else policy.p)
+    pct = min(max(policy.pct, 0), 100)
+    if outcome.result is dmarc.DMARCResult.PASS:
+        return DMARCOutcome("pass", domain, requested.value, pct)
+    return DMARCOutcome("fail", domain, requested.value, pct)

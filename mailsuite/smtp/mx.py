@@ -6,6 +6,7 @@ server.ESMTPServer; storing is the store's.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailsuite.addresses import Address
-from mailsuite.config import Config
+from mailsuite.config import Config, MXConfig
 from mailsuite.mime import count_fields, has_field, remove_fields
 from mailsuite.smtp import authresults
 from mailsuite.smtp.server import (
@@ -166,36 +167,45 @@ class MXServer(ESMTPServer):
         return d
 
     def _prepare(self, raw: bytes, trace: bytes, sender: str,
-                 spf: authresults.SPFOutcome) -> tuple[bytes, bytes, tuple[bytes, bytes, bytes]]:
-        """In a thread: the message with our trace fields as delivered here (with its
-        Return-Path) and as forwarded (without: RFC 5321 4.4 adds it at final delivery
-        only), and the IMAP structure of the delivered copy."""
+                 spf: authresults.SPFOutcome) -> Prepared | Refusal:
+        """In a thread: the checks, the policy they lead to, and the message with our trace
+        fields as delivered here (with its Return-Path) and as forwarded (without: RFC 5321
+        4.4 adds it at final delivery only), and the IMAP structure of the delivered copy."""
         hostname = self.context.config.server.hostname
         # An Authentication-Results that claims to be ours but came from outside is forged.
         if has_field(raw, "Authentication-Results"):
             raw = remove_fields(raw, lambda f: f.name.lower() == "authentication-results"
                                 and _authserv_id(f.value) == hostname.lower())
+        action = Action("accept")
         if self.context.config.mx.auth_checks:
-            header = authresults.authentication_results(
+            verdict = authresults.check_message(
                 raw, hostname, self.context.resolver, self.peer_ip, self.helo or "", sender, spf)
-            raw = header.encode("utf-8") + b"\r\n" + raw
+            action = dmarc_action(verdict, self.context.config.mx, random.random())
+            if action.reply is not None:
+                return Refusal(action.reply, action.detail)
+            raw = verdict.header.encode("utf-8") + b"\r\n" + raw
         message = trace + raw
         copy = f"Return-Path: <{sender}>\r\n".encode() + message
         # IMAP's ENVELOPE and BODYSTRUCTURE are made once, here, and kept with the message.
-        return copy, message, imap_structure(copy)
+        return Prepared(copy, message, imap_structure(copy), action)
 
-    def _store(self, prepared: tuple[bytes, bytes, tuple[bytes, bytes, bytes]],
-               txn: Transaction, queue_id: str) -> defer.Deferred:
-        copy, message, structure = prepared
+    def _store(self, prepared: Prepared | Refusal, txn: Transaction,
+               queue_id: str) -> defer.Deferred | Reply:
+        if isinstance(prepared, Refusal):
+            return self._refuse(prepared, txn)
+        copy, message, structure = prepared.copy, prepared.message, prepared.structure
         account_ids = sorted({a for _, res in txn.recipients for a in res.account_ids})
         forward = [(address, target) for address, res in txn.recipients
                    for target in res.external]
         detail = {"queue_id": queue_id, "sender": txn.sender_text, "peer": self.peer_ip,
-                  "recipients": [str(a) for a, _ in txn.recipients]}
+                  "recipients": [str(a) for a, _ in txn.recipients], **prepared.action.detail}
         delivery = outbound = None
         if account_ids:
+            quarantined = prepared.action.kind == "quarantine"
             delivery = Delivery(raw=copy, account_ids=tuple(account_ids), detail=detail,
-                                structure=structure)
+                                structure=structure,
+                                mailbox="Junk" if quarantined else "INBOX",
+                                event="quarantined" if quarantined else "received")
         if forward:
             # SRS: the forward's envelope names our domain, so it passes the next hop's SPF;
             # bounces come back to us and go on to the original sender.
@@ -212,6 +222,16 @@ class MXServer(ESMTPServer):
             self._store_failed, errbackArgs=(queue_id,))
         return d
 
+    def _refuse(self, refusal: Refusal, txn: Transaction) -> defer.Deferred:
+        """The refusal's reply, once its event is recorded (so that it is counted when the
+        sender hears of it); the reply goes out even if recording fails."""
+        detail = {**refusal.detail, "code": refusal.reply.code, "peer": self.peer_ip,
+                  "sender": txn.sender_text, "recipients": [str(a) for a, _ in txn.recipients]}
+        d = self.context.store.record_event("rejected", detail)
+        d.addErrback(lambda f: log.failure("recording a rejection failed", failure=f))
+        d.addCallback(lambda _: refusal.reply)
+        return d
+
     def _stored(self, queue_id: str, queued: bool) -> Reply:
         if queued:
             self.context.queued()
@@ -225,6 +245,81 @@ class MXServer(ESMTPServer):
         """CPU- and DNS-bound checks run in the reactor's general thread pool."""
         reactor = self.context.reactor
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+
+@dataclass(frozen=True)
+class Action:
+    """What DMARC policy makes of a message: accept, quarantine (into Junk), reject or
+    defer, the reply for the last two, and what the event records."""
+
+    kind: str
+    reply: Reply | None = None
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    copy: bytes  # as delivered here
+    message: bytes  # as forwarded
+    structure: tuple[bytes, bytes, bytes]
+    action: Action
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reply: Reply
+    detail: dict
+
+
+def dmarc_action(verdict: authresults.Verdict, config: MXConfig, roll: float) -> Action:
+    """The receiver's side of RFC 7489 6.6: what to do with a message given its verdicts.
+
+    `roll` in [0, 1) samples pct=: a message outside the sample gets the next milder policy
+    (6.6.4), reject becoming quarantine. A DMARC failure is not enforced for a From domain
+    in `dmarc_exempt`, nor when the newest seal of a passing ARC chain is one of
+    `arc_trusted_sealers` (RFC 7489 7.2: the local policy may trust such a forwarder).
+    A temporary DNS failure (SPF or DKIM temperror) where p=reject could apply, or where the
+    DMARC record itself could not be fetched, is deferred (451 4.4.3) as Postfix with
+    OpenDMARC does: accepting could let a forgery through, rejecting could refuse good mail.
+    """
+    dmarc = verdict.dmarc
+    if config.dmarc_enforce and dmarc.ambiguous:
+        # RFC 7489 6.6.1: with several authors there is no domain to evaluate, and a reader
+        # may be shown any of them: the way round every DMARC policy.
+        return Action("reject", Reply(550, "5.7.1", "Message rejected: DMARC needs exactly "
+                                      "one From address (RFC 7489 6.6.1)"),
+                      {"dmarc": dmarc.result, "reason": "dmarc ambiguous from"})
+    if not config.dmarc_enforce or dmarc.result not in ("fail", "temperror"):
+        return Action("accept")
+    domain = dmarc.from_domain or ""
+    detail = {"dmarc": dmarc.result, "from_domain": domain, "dmarc_policy": dmarc.policy}
+    if _listed(domain, config.dmarc_exempt_domains):
+        return Action("accept", detail={**detail, "override": "local policy"})
+    if verdict.arc.result == "pass" and _listed(verdict.arc.sealer or "",
+                                                config.arc_trusted_domains):
+        return Action("accept", detail={**detail, "override": "trusted forwarder",
+                                        "arc_sealer": verdict.arc.sealer})
+    if verdict.temperror and (dmarc.result == "temperror" or dmarc.policy == "reject"):
+        return Action("defer", Reply(451, "4.4.3", "Temporary DNS failure checking the "
+                                     "sender's authentication, try again later"),
+                      {**detail, "reason": "dmarc temperror"})
+    if dmarc.result != "fail" or dmarc.policy not in ("reject", "quarantine"):
+        return Action("accept")
+    kind = dmarc.policy
+    if roll * 100 >= dmarc.pct:
+        kind = "quarantine" if kind == "reject" else "accept"
+        detail["sampled_out"] = True  # pct= left this one to the milder policy
+    if kind == "reject":
+        return Action("reject", Reply(550, "5.7.1", f"Message rejected: it fails the DMARC "
+                                      f"policy of {domain} (p=reject)"),
+                      {**detail, "reason": "dmarc"})
+    return Action(kind, detail=detail if kind == "quarantine" else {})
+
+
+def _listed(domain: str, domains: frozenset[str]) -> bool:
+    """`domain` is one of `domains` or a subdomain of one."""
+    labels = domain.lower().rstrip(".").split(".")
+    return any(".".join(labels[i:]) in domains for i in range(len(labels)))
 
 
 def _authserv_id(value: str) -> str:

@@ -20,7 +20,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailsuite import dkim
-from mailsuite.addresses import Address
+from mailsuite.addresses import Address, mentioned_addresses
 from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
 from mailsuite.config import Config
 from mailsuite.mime import count_fields, has_field, header_fields, split_message
@@ -275,6 +275,12 @@ class SubmissionServer(ESMTPServer):
             if not self.identities.allows(address):
                 return Reply(553, "5.7.1", f"From: <{address}> is not an address of user "
                                            f"{self.account.address}")
+        # A display name or comment that reads as someone else's address is what a reader
+        # sees first ("alice@example.test(<ceo@bank.test>"): only the user's own may appear.
+        if not all(self.identities.allows(mentioned)
+                   for value in fields for mentioned in mentioned_addresses(value)):
+            return Reply(553, "5.7.1", "From: its display name or a comment names an address "
+                                       f"that is not one of user {self.account.address}")
         # RFC 6409 8.2, 8.3: the submission server completes a header missing these.
         extra = b""
         if not has_field(raw, "Date"):

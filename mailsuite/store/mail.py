@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -65,6 +66,36 @@ class StoredMessage:
     raw: bytes
 
 
+def _target_mailboxes(conn: Connection,
+                      deliveries: list[Delivery]) -> Callable[[Delivery, int], str]:
+    """Where each delivery lands per account: its mailbox; else, for a special-use one
+    (Junk), the account's mailbox with that attribute (the user may have renamed it); else
+    INBOX, which every account keeps. A missing folder must not make a delivery fail for
+    good, nor be retried forever."""
+    special = dict(t.DEFAULT_MAILBOXES)
+    names = {d.mailbox for d in deliveries} - {"INBOX"}
+    if not names:
+        return lambda delivery, account_id: delivery.mailbox
+    accounts = {a for d in deliveries if d.mailbox != "INBOX" for a in d.account_ids}
+    uses = {special[n] for n in names if special.get(n)}
+    rows = conn.execute(
+        select(t.mailboxes.c.account_id, t.mailboxes.c.name, t.mailboxes.c.special_use)
+        .where(and_(t.mailboxes.c.account_id.in_(accounts),
+                    t.mailboxes.c.name.in_(names) | t.mailboxes.c.special_use.in_(uses)))
+        .order_by(t.mailboxes.c.id)).all()
+    found = {(a, name) for a, name, _ in rows}
+    by_use: dict[tuple[int, str], str] = {}
+    for account_id, name, use in rows:
+        by_use.setdefault((account_id, use), name)
+
+    def target(delivery: Delivery, account_id: int) -> str:
+        if delivery.mailbox == "INBOX" or (account_id, delivery.mailbox) in found:
+            return delivery.mailbox
+        return by_use.get((account_id, special.get(delivery.mailbox) or ""), "INBOX")
+
+    return target
+
+
 class MailMixin:
     db: Database
 
@@ -88,12 +119,13 @@ class MailMixin:
             [{"sha256": hashlib.sha256(d.raw).hexdigest(), "size": len(d.raw), "data": d.raw}
              for d in deliveries],
         ).scalars().all()
+        target = _target_mailboxes(conn, deliveries)
         # One UPDATE per mailbox takes as many UIDs as the batch puts there, in this
         # transaction, from the row it locks: never MAX(uid)+1. Sorted: a stable lock order.
         wanted: dict[tuple[int, str], int] = {}
         for delivery in deliveries:
             for account_id in set(delivery.account_ids):
-                key = (account_id, delivery.mailbox)
+                key = (account_id, target(delivery, account_id))
                 wanted[key] = wanted.get(key, 0) + 1
         next_uid: dict[tuple[int, str], list[int]] = {}
         for (account_id, mailbox), count in sorted(wanted.items()):
@@ -114,7 +146,8 @@ class MailMixin:
             envelope, bodystructure, body = delivery.structure or (None, None, None)
             uids = []
             for account_id in sorted(set(delivery.account_ids)):
-                slot = next_uid[(account_id, delivery.mailbox)]
+                mailbox = target(delivery, account_id)
+                slot = next_uid[(account_id, mailbox)]
                 mailbox_id, uid, modseq = slot
                 slot[1], slot[2] = uid + 1, modseq + 1
                 messages.append({
@@ -127,7 +160,7 @@ class MailMixin:
                 events.append({
                     "created_at": now, "kind": delivery.event, "account_id": account_id,
                     "detail": json.dumps({**delivery.detail, "uid": uid,
-                                          "mailbox": delivery.mailbox})})
+                                          "mailbox": mailbox})})
                 uids.append((account_id, uid))
             results.append(Delivered(blob_id, tuple(uids)))
         if messages:

@@ -7,10 +7,13 @@ authserv-id, right after the trace fields we add, and the rest of the message by
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import hashlib
 import re
 import secrets
 import smtplib
+import time
 from collections.abc import Callable
 
 import authres
@@ -43,8 +46,9 @@ def dkim_signed(private_pem: bytes, from_addr: str = "news@dkim.test") -> bytes:
 
 
 def deliver(server: Mailsuite, message: bytes, mail_from: str,
-            helo: str = "client.test") -> bytes:
-    """Send one message to a fresh account, require 250 at every step, return it as stored."""
+            helo: str = "client.test", mailbox: str = "INBOX") -> bytes:
+    """Send one message to a fresh account, require 250 at every step, return it as stored
+    (in `mailbox`: Junk for a p=quarantine failure)."""
     recipient = server.new_account()
     with smtplib.SMTP(*server.mx, local_hostname=helo, timeout=30) as smtp:
         assert smtp.ehlo()[0] == 250
@@ -52,7 +56,7 @@ def deliver(server: Mailsuite, message: bytes, mail_from: str,
         assert smtp.rcpt(recipient)[0] == 250
         code, text = smtp.data(message)
         assert code == 250, text
-    stored = server.inbox(recipient)
+    stored = [m.raw for m in server.store.messages(recipient, mailbox)]
     assert len(stored) == 1
     return stored[0]
 
@@ -151,7 +155,8 @@ def check(server: Mailsuite, mail_from: str, from_addr: str,
 ])
 def test_spf_result_for_the_mail_from_domain_is_recorded_with_smtp_mailfrom(
         mailsuite: Mailsuite, domain: str, expected: str) -> None:
-    header = check(mailsuite, f"sender@{domain}", f"sender@{domain}")
+    # From a domain without DMARC: spf-fail.test's p=reject would refuse the message.
+    header = check(mailsuite, f"sender@{domain}", "sender@nothing.test")
     result, props = one(header, "spf")
     assert result == expected, str(header)
     assert props.get("smtp.mailfrom") == f"sender@{domain}"
@@ -218,7 +223,9 @@ def test_dkim_signature_over_a_changed_body_fails(
     signed = dkim_signed(dkim_key[0])
     tampered = signed.replace(b"Line two.", b"Line tw0.")
     assert tampered != signed
-    header = our_results(deliver(mailsuite, tampered, "news@dkim.test"), tampered)
+    # dkim.test asks for p=quarantine: the failure is filed into Junk.
+    header = our_results(deliver(mailsuite, tampered, "news@dkim.test", mailbox="Junk"),
+                         tampered)
     result, props = one(header, "dkim")
     assert result == "fail", str(header)
     assert props.get("header.d") == "dkim.test"
@@ -233,7 +240,9 @@ def test_dkim_signature_over_a_changed_body_fails(
 def test_dkim_garbage_signature_is_a_permerror_or_fail_and_the_message_is_accepted(
         mailsuite: Mailsuite, garbage: bytes) -> None:
     message = make_message("news@dkim.test", extra=garbage)
-    header = our_results(deliver(mailsuite, message, "news@spf-pass.test"), message)
+    # Nothing aligns: dkim.test's p=quarantine files the message into Junk.
+    header = our_results(deliver(mailsuite, message, "news@spf-pass.test", mailbox="Junk"),
+                         message)
     result, _ = one(header, "dkim")
     assert result in ("permerror", "fail"), str(header)
 
@@ -241,6 +250,93 @@ def test_dkim_garbage_signature_is_a_permerror_or_fail_and_the_message_is_accept
 def test_dkim_is_none_without_a_signature(mailsuite: Mailsuite) -> None:
     header = check(mailsuite, "sender@spf-pass.test", "sender@spf-pass.test")
     assert one(header, "dkim") == ("none", {})
+
+
+# --- what a signature earns (RFC 6376 5.4, RFC 8301, l=) ------------------------------------
+def monitor_message(body: bytes = b"Signed body line one.\r\nLine two.\r\n") -> bytes:
+    """From monitor.test: SPF fails from 127.0.0.1 and DMARC asks for nothing (p=none), so
+    only an aligned DKIM pass can make DMARC pass and nothing is filed away."""
+    return make_message("news@monitor.test", body=body)
+
+
+def sign_monitor(message: bytes, private_pem: bytes, **options: object) -> bytes:
+    return dkim.sign(message, b"sel", b"monitor.test", private_pem,
+                     include_headers=SIGNED_HEADERS, **options) + message
+
+
+def sign_without_from(message: bytes, private_pem: bytes) -> bytes:
+    """A valid signature whose h= leaves From out; dkimpy refuses to make one, so it is
+    assembled from its parts with dkimpy's own header hashing."""
+    signer = dkim.DKIM(message)
+    canon = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    body_hash = base64.b64encode(hashlib.sha256(canon.canonicalize_body(signer.body)).digest())
+    fields = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"),
+              (b"d", b"monitor.test"), (b"s", b"sel"), (b"t", str(int(time.time())).encode()),
+              (b"h", b"to : subject : date"), (b"bh", body_hash), (b"b", b"0" * 60)]
+    signer.hasher = hashlib.sha256
+    value = signer.gen_header(fields, (b"to", b"subject", b"date"), canon, b"DKIM-Signature",
+                              dkim.crypto.parse_pem_private_key(private_pem))
+    return b"DKIM-Signature: " + value + message
+
+
+def dkimpy_accepts(signed: bytes, public: str) -> bool:
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        return f"v=DKIM1; k=rsa; p={public}".encode()
+
+    return dkim.verify(signed, dnsfunc=dnsfunc)
+
+
+def test_dkim_aligned_signature_of_a_p_none_domain_passes_dmarc(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    """The control for the cases below: signed properly, the same message earns credit."""
+    signed = sign_monitor(monitor_message(), dkim_key[0])
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "spf")[0] == "fail"
+    assert one(header, "dkim")[0] == "pass"
+    assert one(header, "dmarc") == ("pass", {"header.from": "monitor.test",
+                                             "policy.dmarc": "none"})
+
+
+def test_dkim_signature_that_does_not_sign_from_is_permerror_and_earns_no_alignment(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_without_from(monitor_message(), dkim_key[0])
+    assert dkimpy_accepts(signed, dkim_key[1])  # cryptographically sound: only h= is wrong
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    result, props = one(header, "dkim")
+    assert result == "permerror", str(header)
+    assert props.get("header.d") == "monitor.test"
+    assert one(header, "dmarc")[0] == "fail"
+
+
+def test_dkim_rsa_sha1_signature_fails(mailsuite: Mailsuite,
+                                       dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], signature_algorithm=b"rsa-sha1")
+    assert b"a=rsa-sha1" in signed
+    assert dkimpy_accepts(signed, dkim_key[1])
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "dkim")[0] == "fail", str(header)
+    assert one(header, "dmarc")[0] == "fail"
+
+
+def test_dkim_l_tag_covering_the_whole_body_passes(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], length=True)
+    assert re.search(rb"\bl=\d+", signed)
+    header = our_results(deliver(mailsuite, signed, "news@monitor.test"), signed)
+    assert one(header, "dkim")[0] == "pass", str(header)
+    assert one(header, "dmarc")[0] == "pass"
+
+
+def test_dkim_l_tag_with_content_appended_after_it_is_policy_and_earns_no_alignment(
+        mailsuite: Mailsuite, dkim_key: tuple[bytes, str]) -> None:
+    signed = sign_monitor(monitor_message(), dkim_key[0], length=True)
+    extended = signed + b"Click here to confirm your password: http://evil.test/\r\n"
+    assert dkimpy_accepts(extended, dkim_key[1])  # the signed part is intact
+    header = our_results(deliver(mailsuite, extended, "news@monitor.test"), extended)
+    result, props = one(header, "dkim")
+    assert result == "policy", str(header)
+    assert props.get("header.d") == "monitor.test"
+    assert one(header, "dmarc")[0] == "fail"
 
 
 # --- ARC (RFC 8617) --------------------------------------------------------------------------
@@ -270,8 +366,10 @@ def test_dmarc_passes_through_dkim_alignment_although_spf_fails(
 
 
 def test_dmarc_fails_and_names_header_from_and_the_published_policy(
-        mailsuite: Mailsuite) -> None:
-    header = check(mailsuite, "sender@spf-fail.test", "boss@spf-fail.test")
+        start_mailsuite: Callable[..., Mailsuite]) -> None:
+    # Without enforcement: p=reject would refuse it (tests/smtp/test_dmarc_policy.py).
+    server = start_mailsuite({"mx": {"dmarc_enforce": False}})
+    header = check(server, "sender@spf-fail.test", "boss@spf-fail.test")
     assert one(header, "spf")[0] == "fail"
     assert one(header, "dmarc") == ("fail", {"header.from": "spf-fail.test",
                                              "policy.dmarc": "reject"})
