@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import time
 from pathlib import Path
 
@@ -89,6 +90,13 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
             return True
         except TimeoutError:
             return False
+
+
+def still_established(sock: socket.socket) -> bool:
+    """Whether the kernel still has the connection open both ways, without reading from it:
+    a reset or a FIN from the server moves it out of ESTABLISHED."""
+    state = struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+    return state == 1  # TCP_ESTABLISHED
 
 
 def tls_client_context(server: Mailsuite) -> ssl.SSLContext:
