@@ -89,11 +89,15 @@ class Authenticator:
     def _attempt(self, username: str, password: str, key: str) -> Any:
         # The penalty comes first: an address's next guess is not even looked at before it
         # has waited, however many connections it spreads its guesses over.
+        # An address over its budget is answered at once (and hung up on by the protocol):
+        # its queued attempts neither wait nor hash.
+        if self.cooling_off(key):
+            return None
         delay = self.penalty(key)
         if delay > 0:
             yield task.deferLater(self.reactor, delay, lambda: None)
-        if self.cooling_off(key):
-            return None
+            if self.cooling_off(key):
+                return None
         account = yield self.store.account_get(username.strip().lower())
         hashed = account.password_hash if account is not None else None
         ok = yield threads.deferToThreadPool(self.reactor, self._password_pool(),

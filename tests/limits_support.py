@@ -109,3 +109,9 @@ def tls_client_context(server: Mailsuite) -> ssl.SSLContext:
 def traceback_free(server: Mailsuite) -> None:
     log = server.log()
     assert "Traceback" not in log, log[-4000:]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
