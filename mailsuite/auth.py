@@ -1,9 +1,10 @@
 """Password logins shared by every protocol that takes them (POP3, IMAP, SMTP AUTH).
 
-Failures are counted per address (IPv6: per /64, see netlimits.address_key). Each one makes
-that address wait longer before its next password is even looked at; past a budget the
-protocol is told to hang up and new connections are refused at the greeting until the
-address has cooled off. A success clears the count. One address has at most a few logins
+Failures are counted per address (IPv6: per /64, see netlimits.address_key). Every failure
+is answered after a short delay, and each one makes that address wait longer before its next
+password is even looked at; past a budget the protocol is told to hang up, and new
+connections are refused at the greeting until the address has cooled off. A success clears
+the count. One address has at most a few logins
 checked at once (the rest wait their turn), and bcrypt runs in a small pool of its own,
 so an attacker can neither keep the CPU busy nor delay other addresses' logins for long.
 """
@@ -56,7 +57,8 @@ class _Failures:
 class Authenticator:
     """login(username, password, peer) → the account, or None."""
 
-    #: seconds an address waits before its next check after one failure; doubles per failure
+    #: seconds a failure is answered late; and an address waits as long before its next
+    #: check after one failure, doubling per failure
     base_delay = 0.5
     max_delay = 15.0
     #: above this many tracked addresses, forgiven ones are swept out
@@ -106,6 +108,9 @@ class Authenticator:
             self._failures.pop(key, None)
             return account
         self._failed(key)
+        # A failure is also answered late, still holding the slot: one address cannot
+        # learn more than a few answers a second, even before its penalties grow.
+        yield task.deferLater(self.reactor, self.base_delay, lambda: None)
         return None
 
     def _check(self, password: str, hashed: str | None) -> bool:
