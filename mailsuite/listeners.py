@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,12 @@ from zope.interface import directlyProvides, implementer, providedBy
 from mailsuite.config import LimitsConfig
 
 log = Logger(namespace="mailsuite.listeners")
+
+#: octets a slow client must take per write_stall_timeout for its output not to count as stalled
+MIN_PROGRESS = 65536
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked is the u64 at offset 120 (Linux 4.1+).
+_TCPI_BYTES_ACKED = 120
+_TCP_INFO_SIZE = 128
 
 _TCP_ENDPOINT = re.compile(r"^(tcp6?):(\d+)((?::(?:interface|backlog)=[^:]*)*)$")
 
@@ -117,16 +124,25 @@ class _ProducerWatch:
 
 
 class _Deadline:
-    """One restartable timer that aborts the guarded connection when it fires."""
+    """One restartable timer that aborts the guarded connection when it fires.
 
-    def __init__(self, guard: ConnectionGuard, seconds: float, what: str) -> None:
+    A deadline on output (`needs_progress`) is renewed instead while the client keeps
+    taking at least MIN_PROGRESS octets of it per period: slow is allowed, stalled is not.
+    """
+
+    def __init__(self, guard: ConnectionGuard, seconds: float, what: str,
+                 needs_progress: bool = False) -> None:
         self.guard = guard
         self.seconds = seconds
         self.what = what
+        self.needs_progress = needs_progress
+        self.acked_at_start: int | None = None
         self._call: Any = None
 
     def start(self) -> None:
         if self._call is None and not self.guard.lost:
+            if self.needs_progress:
+                self.acked_at_start = self.guard.bytes_acked()
             self._call = self.guard.factory.reactor.callLater(self.seconds, self._fire)
 
     def restart(self) -> None:
@@ -141,7 +157,7 @@ class _Deadline:
 
     def _fire(self) -> None:
         self._call = None
-        self.guard.expired(self.what, self.seconds)
+        self.guard.expired(self)
 
 
 @implementer(interfaces.IHandshakeListener)
@@ -153,7 +169,8 @@ class ConnectionGuard(ProtocolWrapper):
       and TLS would wait for the handshake before it closes.
     - Output a producer cannot hand over because the client stopped reading, and a close
       that has not completed (unread output, or a TLS peer that never answers close_notify),
-      last at most write_stall_timeout.
+      last at most write_stall_timeout, renewed only while the client keeps reading
+      (MIN_PROGRESS octets per period).
     Each ends in abortConnection: a polite close would wait on the very client that stalls.
     """
 
@@ -163,8 +180,10 @@ class ConnectionGuard(ProtocolWrapper):
         super().__init__(factory, wrappedProtocol)
         limits = factory.limits
         self.handshake_timer = _Deadline(self, limits.handshake_timeout, "TLS handshake")
-        self.stall_timer = _Deadline(self, limits.write_stall_timeout, "stalled output")
-        self.close_timer = _Deadline(self, limits.write_stall_timeout, "unfinished close")
+        self.stall_timer = _Deadline(self, limits.write_stall_timeout, "stalled output",
+                                     needs_progress=True)
+        self.close_timer = _Deadline(self, limits.write_stall_timeout, "unfinished close",
+                                     needs_progress=True)
         self.lost = False
         self.peer = ""
         self._handshaking = False
@@ -193,10 +212,28 @@ class ConnectionGuard(ProtocolWrapper):
         self._handshaking = True
         self.handshake_timer.start()
 
-    def expired(self, what: str, seconds: float) -> None:
+    def expired(self, deadline: _Deadline) -> None:
+        if deadline.needs_progress:
+            before, now = deadline.acked_at_start, self.bytes_acked()
+            if before is not None and now is not None and now - before >= MIN_PROGRESS:
+                deadline.start()
+                return
         log.info("aborting connection peer={peer}: {what} exceeded {seconds:g}s",
-                 peer=self.peer, what=what, seconds=seconds)
+                 peer=self.peer, what=deadline.what, seconds=deadline.seconds)
         self.abortConnection()
+
+    def bytes_acked(self) -> int | None:
+        """Octets of our output the client has acknowledged so far (Linux TCP_INFO), or None.
+
+        This counts what the client really took, below any buffer of ours or of TLS.
+        """
+        # Under TLS, `socket` is looked up through the TLS layer to the TCP transport.
+        sock = getattr(self.transport, "socket", None)
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            return struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0]
+        except (AttributeError, OSError, struct.error):
+            return None
 
     # --- transport, as the protocol sees it -------------------------------------------------
     def write(self, data: bytes) -> None:

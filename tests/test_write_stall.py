@@ -44,13 +44,13 @@ def mailsuite(backend: str, new_db_url: Callable[[str], str], dns_server: DNSSer
                           })
 
 
-def big_mailbox(server: Mailsuite) -> str:
+def big_mailbox(server: Mailsuite, messages: int = MESSAGES, size_mb: int = MESSAGE_MB) -> str:
     address = server.new_account(password=PASSWORD)
     account = server.store.account_get(address)
     assert account is not None
-    for _ in range(MESSAGES):
+    for _ in range(messages):
         body = b"\r\n".join(secrets.token_hex(38).encode()
-                            for _ in range(MESSAGE_MB * 1024 * 1024 // 78))
+                            for _ in range(size_mb * 1024 * 1024 // 78))
         raw = (b"From: <a@example.test>\r\nSubject: big\r\nMessage-ID: <"
                + secrets.token_hex(8).encode() + b"@example.test>\r\n\r\n" + body + b"\r\n")
         server.store.deliver(Delivery(raw, (account.id,)))
@@ -137,6 +137,28 @@ def test_stalled_reader_is_dropped(mailsuite: Mailsuite, port: str) -> None:
     assert "stalled output" in mailsuite.log()
     if port.startswith("pop3"):
         pop3_login_works(mailsuite, address)
+    traceback_free(mailsuite)
+
+
+@pytest.mark.parametrize("port", ["imap", "imaps"])
+def test_slow_reader_is_not_dropped(mailsuite: Mailsuite, port: str) -> None:
+    """Reading on, however slowly, is not a stall: the FETCH completes. Here 9 MB (more than
+    the kernel's send buffer takes, so that the server's own buffer stays full for several
+    stall periods) at 1 MB/s."""
+    address = big_mailbox(mailsuite, messages=3, size_mb=3)
+    sock = imap_fetch_and_stall(mailsuite, port, address)
+    started = time.monotonic()
+    received = b""
+    while not received.endswith(b"c OK FETCH completed\r\n"):
+        chunk = sock.recv(32768)
+        assert chunk, f"dropped after {len(received)} octets"
+        received += chunk
+        time.sleep(max(0.0, started + len(received) / 1_000_000 - time.monotonic()))
+    elapsed = time.monotonic() - started
+    print(f"{port}: slow reader took {elapsed:.1f}s for {len(received)} octets")
+    assert elapsed > 2 * STALL_TIMEOUT  # it really was slower than one stall period
+    assert len(received) > 9 * 1024 * 1024
+    sock.close()
     traceback_free(mailsuite)
 
 
