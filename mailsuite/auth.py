@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, task, threads
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailsuite.config import AuthConfig
 from mailsuite.netlimits import address_key
 from mailsuite.passwords import check_password, dummy_hash
 from mailsuite.store import AsyncStore
+
+log = Logger(namespace="mailsuite.auth")
 
 
 class SASLError(ValueError):
@@ -136,6 +139,10 @@ class Authenticator:
         record = self._failures.setdefault(key, _Failures())
         record.count += 1
         record.last = time.monotonic()
+        if record.count == self.settings.max_failures:
+            # Once per episode: the refused connections themselves are not logged.
+            log.info("{peer} failed {count} logins: refused until quiet for {cool_off:g}s",
+                     peer=key, count=record.count, cool_off=self.settings.cool_off)
 
     def _record(self, key: str) -> _Failures | None:
         """The failures of `key`, forgotten once it has been quiet for cool_off seconds."""

@@ -201,7 +201,6 @@ class ConnectionGuard(ProtocolWrapper):
         if self.factory.refuses(self.peer):
             # The protocol never starts: no session, no per-address slot, no login.
             self._refused = True
-            log.info("refused peer={peer}: too many failed logins", peer=self.peer)
             if self.factory.refusal:
                 self.transport.write(self.factory.refusal)
             self.loseConnection()
