@@ -140,6 +140,24 @@ def test_stalled_reader_is_dropped(mailsuite: Mailsuite, port: str) -> None:
     traceback_free(mailsuite)
 
 
+def test_stalled_tls_reader_that_hangs_up_leaves_no_traceback(
+        start_mailsuite: Callable[..., Mailsuite]) -> None:
+    """The autologout closes a stalled FETCH over TLS (its close waits on the unread output),
+    then the client hangs up first: the FETCH, resumed into its next chunk, meets a TLS layer
+    that is gone when it cleans up, and must end quietly."""
+    server = start_mailsuite({"imap": {"idle_timeout": 1.0},
+                              "limits": {"write_stall_timeout": 30.0}})
+    address = big_mailbox(server, messages=20, size_mb=1)  # three chunks of 8
+    pid = server.process.pid
+    baseline = settled_fds(pid)
+    sock = imap_fetch_and_stall(server, "imaps", address)
+    time.sleep(2.0)
+    sock.close()
+    assert wait_fds(pid, baseline + FD_SLACK, 5) <= baseline + FD_SLACK
+    time.sleep(1.0)  # the FETCH's next chunk is loaded after the connection is gone
+    traceback_free(server)
+
+
 @pytest.mark.parametrize("port", ["imap", "imaps"])
 def test_slow_reader_is_not_dropped(mailsuite: Mailsuite, port: str) -> None:
     """Reading on, however slowly, is not a stall: the FETCH completes. Here 9 MB (more than
