@@ -95,6 +95,7 @@ def test_silent_implicit_tls_connections_are_aborted(mailsuite: Mailsuite) -> No
         closed_after = {name: [f.result() for f in group] for name, group in futures.items()}
     for name, times in closed_after.items():
         assert None not in times, (name, times)
+        print(f"{name}: closed after " + " ".join(f"{t:.2f}" for t in sorted(times)) + " s")
         # Refused at once: aborted long before the handshake deadline.
         assert sorted(times)[per_port - CAP - 1] < HANDSHAKE_TIMEOUT / 2, (name, times)
         # The rest when the deadline passed, not earlier.
@@ -102,6 +103,7 @@ def test_silent_implicit_tls_connections_are_aborted(mailsuite: Mailsuite) -> No
         assert max(times) < HANDSHAKE_TIMEOUT + 3, (name, times)
     for sock in (s for group in socks.values() for s in group):
         sock.close()
+    print(f"server fds: baseline {baseline}, after {wait_fds(pid, baseline + FD_SLACK, 5)}")
     assert wait_fds(pid, baseline + FD_SLACK, 5) <= baseline + FD_SLACK
     normal_logins(mailsuite, address)
     traceback_free(mailsuite)
@@ -142,6 +144,7 @@ def test_silence_after_starttls_is_aborted(mailsuite: Mailsuite) -> None:
         closed = list(pool.map(lambda s: closed_by_server(s, HANDSHAKE_TIMEOUT + 5), socks))
     elapsed = time.monotonic() - started
     assert all(closed), closed
+    print(f"after STARTTLS: {len(socks)} silent connections closed within {elapsed:.2f} s")
     assert elapsed < HANDSHAKE_TIMEOUT + 3
     for sock in socks:
         sock.close()
