@@ -66,6 +66,8 @@ class Authenticator:
     max_delay = 15.0
     #: above this many tracked addresses, forgiven ones are swept out
     sweep_at = 10000
+    #: the penalty stops doubling long before this (and 2**n stays a small number)
+    _max_exponent = 32
 
     def __init__(self, store: AsyncStore, reactor: Any, settings: AuthConfig) -> None:
         self.store = store
@@ -74,6 +76,7 @@ class Authenticator:
         self._failures: dict[str, _Failures] = {}
         self._in_flight: dict[str, defer.DeferredSemaphore] = {}
         self._pool: ThreadPool | None = None
+        self._next_sweep = self.sweep_at
 
     def login(self, username: str, password: str, peer: str) -> defer.Deferred:
         key = address_key(peer)
@@ -92,10 +95,10 @@ class Authenticator:
 
     @defer.inlineCallbacks
     def _attempt(self, username: str, password: str, key: str) -> Any:
-        # The penalty comes first: an address's next guess is not even looked at before it
-        # has waited, however many connections it spreads its guesses over.
         # An address over its budget is answered at once (and hung up on by the protocol):
-        # its queued attempts neither wait nor hash.
+        # its queued attempts neither wait nor hash. Otherwise the penalty comes first: its
+        # next guess is not looked at before it has waited, however many connections it
+        # spreads its guesses over.
         if self.cooling_off(key):
             return None
         delay = self.penalty(key)
@@ -133,9 +136,11 @@ class Authenticator:
         return self._pool
 
     def _failed(self, key: str) -> None:
-        if len(self._failures) >= self.sweep_at:
+        if len(self._failures) >= self._next_sweep:
             for other in list(self._failures):
                 self._record(other)
+            # Many addresses still within cool_off: sweep again only once they have doubled.
+            self._next_sweep = max(self.sweep_at, 2 * len(self._failures))
         record = self._failures.setdefault(key, _Failures())
         record.count += 1
         record.last = time.monotonic()
@@ -157,7 +162,8 @@ class Authenticator:
         record = self._record(address_key(peer))
         if record is None:
             return 0.0
-        return min(self.max_delay, self.base_delay * 2 ** (record.count - 1))
+        exponent = min(record.count - 1, self._max_exponent)
+        return min(self.max_delay, self.base_delay * 2 ** exponent)
 
     def cooling_off(self, peer: str) -> bool:
         """Whether `peer` has used up its failure budget and must not try again yet."""
