@@ -172,6 +172,16 @@ class DKIMConfig:
 class AuthConfig:
     allow_plaintext: bool = False
     bcrypt_rounds: int = 12
+    max_failures: int = 10  # failed logins from one address before it cools off
+    cool_off: float = 900.0  # seconds an address over its budget is refused at the greeting
+    max_logins_in_flight: int = 2  # per address (IPv6: per /64); more wait their turn
+    password_threads: int = 2  # threads that run bcrypt, apart from the store's
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    handshake_timeout: float = 20.0  # a TLS handshake not done by then is aborted
+    write_stall_timeout: float = 60.0  # output not drained (or a close not done) by then
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,7 @@ class Config:
     pop3: POP3Config = field(default_factory=POP3Config)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
@@ -395,6 +406,14 @@ def _validate(config: Config, name: str, text: str) -> None:
              "must be at least 1")
     if not 4 <= config.auth.bcrypt_rounds <= 31:
         fail("auth", "bcrypt_rounds", "must be between 4 and 31")
+    for key in ("max_failures", "max_logins_in_flight", "password_threads"):
+        if getattr(config.auth, key) < 1:
+            fail("auth", key, "must be at least 1")
+    if config.auth.cool_off <= 0:
+        fail("auth", "cool_off", "must be positive")
+    for key in ("handshake_timeout", "write_stall_timeout"):
+        if getattr(config.limits, key) <= 0:
+            fail("limits", key, "must be positive")
     _validate_delivery(config, fail)
 
 

@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
+
+
+def address_key(peer: str) -> str:
+    """The unit one client is counted by: an IPv4 address, or the /64 of an IPv6 one.
+
+    One IPv6 host is routinely given a whole /64, so counting single addresses would let it
+    start afresh from another of its 2**64 addresses.
+    """
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
 
 class ConnectionCounter:
     def __init__(self, limit: int) -> None:

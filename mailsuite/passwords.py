@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import secrets
+
 import bcrypt
 
 # bcrypt only reads the first 72 bytes; longer passwords are refused rather than truncated.
@@ -29,3 +32,10 @@ def check_password(password: str, hashed: str) -> bool:
         return bcrypt.checkpw(data, hashed.encode("ascii"))
     except ValueError:
         return False
+
+
+@functools.cache
+def dummy_hash(rounds: int) -> str:
+    """A hash of no one's password at `rounds`: checked for unknown users, so that they take
+    as long as known ones and cannot be told apart by timing."""
+    return hash_password(secrets.token_urlsafe(16), rounds)

@@ -18,7 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from mailsuite.auth import Authenticator
 from mailsuite.config import Config
 from mailsuite.imap.server import IMAPFactory
-from mailsuite.listeners import SharedPortService
+from mailsuite.listeners import GuardFactory, SharedPortService, refusal_line
 from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
@@ -134,12 +134,18 @@ class MailsuiteService(service.MultiService):
             functools.partial(store.submit_many, timeout=config.smtp.commit_timeout),
             pool, reactor, config.database.batch_max)
         listeners: dict[str, str] = {}
+        authenticator = Authenticator(async_store, reactor, config.auth)
 
         def listen(name: str, endpoint: str, factory: protocol.Factory,
                    implicit_tls: bool = False) -> None:
             if not endpoint:
                 return
+            refusal = refusal_line(name, config.server.hostname)
+            factory = GuardFactory(factory, reactor, config.limits, implicit_tls=implicit_tls,
+                                   refuses=authenticator.cooling_off if refusal else None,
+                                   refusal=refusal)
             if implicit_tls:
+                # The guard goes inside TLS, where it hears of the handshake's completion.
                 factory = TLSMemoryBIOFactory(tls_options, False, factory)
             if config.server.reuse_port:
                 child: service.Service = SharedPortService(endpoint, factory, reactor)
@@ -160,7 +166,6 @@ class MailsuiteService(service.MultiService):
                 queued=runner.wake,
             )
             listen("mx", config.listen.mx, MXFactory(context, tls_options))
-        authenticator = Authenticator(async_store, reactor)
         submission = SubmissionContext(config, async_store, submissions, authenticator, reactor,
                                        queued=runner.wake)
         runner.on_suppressed = submission.forget_route

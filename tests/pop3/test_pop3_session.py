@@ -875,12 +875,17 @@ def test_per_address_limit_counts_pop3_and_pop3s_connections_together(
     try:
         assert plain.status().startswith("+OK")
         assert secure.status().startswith("+OK")
-        for address, context in ((server.pop3, None), (server.pop3s, tls_context(server))):
-            extra = RawPOP3(address, context=context)
-            try:
-                assert extra.status().startswith("-ERR [SYS/TEMP]"), address
-            finally:
-                extra.close()
+        extra = RawPOP3(server.pop3)
+        try:
+            assert extra.status().startswith("-ERR [SYS/TEMP]")
+        finally:
+            extra.close()
+        # Over TLS the refusal could only be read after a handshake, which a flood of
+        # connections would hold open: the server drops the connection at once instead.
+        start = time.monotonic()
+        with pytest.raises(OSError):
+            RawPOP3(server.pop3s, context=tls_context(server)).status()
+        assert time.monotonic() - start < 2
     finally:
         plain.close()
         secure.close()
