@@ -23,12 +23,15 @@ def address_key(peer: str) -> str:
 
 
 class ConnectionCounter:
+    """Open connections per client address (an IPv6 /64 counts as one client) or account."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._counts: dict[str, int] = {}
 
     def acquire(self, address: str) -> bool:
         """Count one more connection from `address`; False (and not counted) past the limit."""
+        address = address_key(address)
         count = self._counts.get(address, 0)
         if count >= self.limit:
             return False
@@ -36,6 +39,7 @@ class ConnectionCounter:
         return True
 
     def release(self, address: str) -> None:
+        address = address_key(address)
         remaining = self._counts.get(address, 1) - 1
         if remaining > 0:
             self._counts[address] = remaining

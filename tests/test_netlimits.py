@@ -3,7 +3,7 @@ addresses to connect from, so this is tested here rather than over sockets)."""
 
 from __future__ import annotations
 
-from mailsuite.netlimits import address_key
+from mailsuite.netlimits import ConnectionCounter, address_key
 
 
 def test_ipv6_addresses_of_one_64_count_as_one() -> None:
@@ -19,3 +19,12 @@ def test_ipv4_addresses_count_alone_also_when_mapped() -> None:
 
 def test_anything_else_is_its_own_key() -> None:
     assert address_key("unix-socket") == "unix-socket"
+
+
+def test_connection_caps_count_an_ipv6_64_as_one_client() -> None:
+    counter = ConnectionCounter(2)
+    assert counter.acquire("2001:db8:1:2::1") and counter.acquire("2001:db8:1:2::99")
+    assert not counter.acquire("2001:db8:1:2:abcd::1")
+    assert counter.acquire("2001:db8:1:3::1") and counter.acquire("192.0.2.1")
+    counter.release("2001:db8:1:2::99")
+    assert counter.acquire("2001:db8:1:2::7")
