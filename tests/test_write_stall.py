@@ -200,3 +200,22 @@ def test_close_that_never_completes_is_aborted(mailsuite: Mailsuite) -> None:
     assert wait_fds(pid, baseline + FD_SLACK, 5) <= baseline + FD_SLACK
     pop3_login_works(mailsuite, address)
     traceback_free(mailsuite)
+
+
+def test_a_stalled_fetch_of_a_big_mailbox_holds_a_bounded_part_of_it(
+        mailsuite: Mailsuite) -> None:
+    """FETCH loads whole messages in groups of at most 4 MB (one bigger message alone), so a
+    client that stops reading holds a few MB of a 36 MB mailbox, not eight messages' worth."""
+    address = big_mailbox(mailsuite, messages=12)
+    pid = mailsuite.process.pid
+    rss_before = rss_mb(pid)
+    sock = imap_fetch_and_stall(mailsuite, "imap", address)
+    started = time.monotonic()
+    peak = rss_before
+    while still_established(sock) and time.monotonic() - started < 30:
+        peak = max(peak, rss_mb(pid))
+        time.sleep(0.05)
+    sock.close()
+    print(f"stalled FETCH of 12 x {MESSAGE_MB} MB: RSS +{peak - rss_before:.1f} MB")
+    assert peak - rss_before < 25, (rss_before, peak)
+    traceback_free(mailsuite)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer, interfaces, protocol, threads
@@ -35,10 +35,10 @@ from mailsuite.structure import imap_structure as structure_of
 log = Logger(namespace="mailsuite.imap")
 
 FETCH_CHUNK = 200  # messages loaded from the store per round trip
-FETCH_CHUNK_BODIES = 8  # when whole messages are loaded: bounds memory per session
-# Octets of messages one SEARCH loads at a time (a bigger message is loaded alone): with the
-# parsing and decoding of one message on top, what a search holds stays in the tens of MB.
-SEARCH_BATCH_BYTES = 4 << 20
+# Octets of messages one SEARCH or FETCH loads at a time (a bigger message is loaded alone):
+# with the parsing, decoding or rendering of one message on top, what a session holds stays
+# in the tens of MB, however big the mailbox and however slowly the client reads.
+BATCH_BYTES = 4 << 20
 MAX_LITERALS = 64  # literals in one command
 PRE_AUTH_LITERAL = 8192  # octets of literals in one command before login (LOGIN's two strings)
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
@@ -615,7 +615,7 @@ class IMAPServer(SerialLineProtocol):
         """In a thread: the UIDs that match, or None once the deadline has passed.
 
         Each message is first tried on its metadata alone; only those a key needs to read are
-        loaded, in batches of at most SEARCH_BATCH_BYTES (one bigger message alone), so one
+        loaded, in batches of at most BATCH_BYTES (one bigger message alone), so one
         search holds a bounded number of octets whatever the mailbox's size.
         """
         store = self.store.store
@@ -634,7 +634,7 @@ class IMAPServer(SerialLineProtocol):
                         found.append(row.uid)
                 except _NeedsBytes:
                     pending.append(row)
-            for batch in _byte_batches(pending, SEARCH_BATCH_BYTES):
+            for batch in _byte_batches(pending, BATCH_BYTES):
                 if self.gone or time.monotonic() > deadline:
                     return None
                 blobs = store.message_blobs(box.id, [row.uid for row in batch])
@@ -671,11 +671,9 @@ class IMAPServer(SerialLineProtocol):
         if mark_seen and "FLAGS" not in request.items:
             # RFC 3501 6.4.5: the \Seen this FETCH sets is reported with it.
             request = fetching.FetchRequest([*request.items, "FLAGS"])
-        step = FETCH_CHUNK_BODIES if request.needs_raw else FETCH_CHUNK
         self.transport.registerProducer(self._gate, True)
         try:
-            for start in range(0, len(uids), step):
-                chunk = uids[start:start + step]
+            async for chunk in self._fetch_chunks(box, uids, request.needs_raw):
                 if mark_seen:
                     for changed_uid, flags in await self.store.store_flags(
                             box.id, chunk, "+", ["\\Seen"]):
@@ -694,6 +692,19 @@ class IMAPServer(SerialLineProtocol):
                 self.transport.unregisterProducer()
         await self.sync(allow_expunge=uid)
         return f"OK {'UID ' if uid else ''}FETCH completed"
+
+    async def _fetch_chunks(self, box: Selected, uids: list[int],
+                            whole: bool) -> AsyncIterator[list[int]]:
+        """The UIDs in groups to load at once: FETCH_CHUNK of them, and when whole messages
+        are loaded, groups of at most BATCH_BYTES (one bigger message alone)."""
+        for start in range(0, len(uids), FETCH_CHUNK):
+            chunk = uids[start:start + FETCH_CHUNK]
+            if not whole:
+                yield chunk
+                continue
+            sizes = await self.store.fetch_rows(box.id, chunk, False, False)
+            for batch in _byte_batches(sizes, BATCH_BYTES):
+                yield [row.uid for row in batch]
 
     async def cmd_UID_FETCH(self, tag: str, args: list) -> str:
         return await self.cmd_FETCH(tag, args, uid=True)
