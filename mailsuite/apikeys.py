@@ -71,3 +71,15 @@ def reach_within(outer_domains: Iterable[str], outer_inboxes: Iterable[str],
     return domains <= outer_domains and all(
         address in outer_inboxes or address.rpartition("@")[2] in outer_domains
         for address in inboxes)
+
+
+def reaches_domain(domains: Iterable[str], inboxes: Iterable[str], name: str) -> bool:
+    """Whether a key with this reach (both empty: everything) reaches domain `name`."""
+    domains, inboxes = set(domains), set(inboxes)
+    return (not domains and not inboxes) or name in domains
+
+
+def reaches_inbox(domains: Iterable[str], inboxes: Iterable[str], address: str) -> bool:
+    """Whether a key with this reach reaches the inbox `address` (or its whole domain)."""
+    domains, inboxes = set(domains), set(inboxes)
+    return reaches_domain(domains, inboxes, address.rpartition("@")[2]) or address in inboxes

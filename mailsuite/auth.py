@@ -1,5 +1,10 @@
 """Password logins shared by every protocol that takes them (POP3, IMAP, SMTP AUTH).
 
+The password may also be an API key (ms_...) whose reach includes the account and which has
+the scope the protocol needs (messages:read to read, messages:send to submit): an agent's
+key opens its inbox in a mail client too. Keys are checked by hash, without bcrypt; a
+revoked or expired key stops opening new sessions at once.
+
 Failures are counted per address (IPv6: per /64, see netlimits.address_key). Every failure
 is answered after a short delay, and each one makes that address wait longer before its next
 password is even looked at; past a budget the protocol is told to hang up, and new
@@ -21,6 +26,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailsuite import apikeys
 from mailsuite.config import AuthConfig
 from mailsuite.netlimits import address_key
 from mailsuite.passwords import check_password, dummy_hash
@@ -58,7 +64,7 @@ class _Failures:
 
 
 class Authenticator:
-    """login(username, password, peer) → the account, or None."""
+    """login(username, password, peer, scope) → the account, or None."""
 
     #: seconds a failure is answered late; and an address waits as long before its next
     #: check after one failure, doubling per failure
@@ -78,13 +84,15 @@ class Authenticator:
         self._pool: ThreadPool | None = None
         self._next_sweep = self.sweep_at
 
-    def login(self, username: str, password: str, peer: str) -> defer.Deferred:
+    def login(self, username: str, password: str, peer: str,
+              scope: str = "messages:read") -> defer.Deferred:
+        """`scope` is what an API key given as the password must grant."""
         key = address_key(peer)
         slots = self._in_flight.get(key)
         if slots is None:
             slots = self._in_flight[key] = defer.DeferredSemaphore(
                 self.settings.max_logins_in_flight)
-        d = slots.run(self._attempt, username, password, key)
+        d = slots.run(self._attempt, username, password, key, scope)
         d.addBoth(self._slot_freed, key, slots)
         return d
 
@@ -94,7 +102,7 @@ class Authenticator:
         return result
 
     @defer.inlineCallbacks
-    def _attempt(self, username: str, password: str, key: str) -> Any:
+    def _attempt(self, username: str, password: str, key: str, scope: str) -> Any:
         # An address over its budget is answered at once (and hung up on by the protocol):
         # its queued attempts neither wait nor hash. Otherwise the penalty comes first: its
         # next guess is not looked at before it has waited, however many connections it
@@ -107,9 +115,15 @@ class Authenticator:
             if self.cooling_off(key):
                 return None
         account = yield self.store.account_get(username.strip().lower())
-        hashed = account.password_hash if account is not None else None
-        ok = yield threads.deferToThreadPool(self.reactor, self._password_pool(),
-                                             self._check, password, hashed)
+        ok = False
+        if account is not None and password.startswith(apikeys.SECRET_PREFIX):
+            api_key = yield self.store.api_key_for_secret(password)
+            ok = (api_key is not None and apikeys.grants(api_key.scopes, scope)
+                  and apikeys.reaches_inbox(api_key.domains, api_key.inboxes, account.address))
+        if not ok:
+            hashed = account.password_hash if account is not None else None
+            ok = yield threads.deferToThreadPool(self.reactor, self._password_pool(),
+                                                 self._check, password, hashed)
         if ok and account is not None:
             self._failures.pop(key, None)
             return account

@@ -192,7 +192,8 @@ class SubmissionServer(ESMTPServer):
         return self._login(username, value)
 
     def _login(self, username: str, password: str) -> defer.Deferred:
-        d = self.context.authenticator.login(username, password, self.peer_ip)
+        d = self.context.authenticator.login(username, password, self.peer_ip,
+                                             scope="messages:send")
         d.addCallback(self._logged_in, username)
         return d
 

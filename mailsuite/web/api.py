@@ -74,11 +74,12 @@ class Call:
         return self.key is not None and not (self.key.domains or self.key.inboxes)
 
     def reaches_domain(self, name: str) -> bool:
-        return self.unrestricted or (self.key is not None and name in self.key.domains)
+        return self.key is not None and apikeys.reaches_domain(self.key.domains,
+                                                               self.key.inboxes, name)
 
     def reaches_inbox(self, address: str) -> bool:
-        return (self.reaches_domain(address.rpartition("@")[2])
-                or (self.key is not None and address in self.key.inboxes))
+        return self.key is not None and apikeys.reaches_inbox(self.key.domains,
+                                                              self.key.inboxes, address)
 
 
 @dataclass(frozen=True)
