@@ -98,9 +98,8 @@ def test_sp_applies_to_a_subdomain_without_its_own_record(mailsuite: Mailsuite) 
 
 @pytest.mark.parametrize("froms", [
     b"From: <boss@spf-fail.test>\r\nFrom: <news@nothing.test>\r\n",
-    b"From: <news@nothing.test>\r\nFrom : <boss@spf-fail.test>\r\n",
     b"From: <boss@spf-fail.test>, <news@nothing.test>\r\n",
-], ids=["two-fields", "obsolete-second-field", "two-addresses"])
+], ids=["two-fields", "two-addresses"])
 def test_several_from_authors_are_refused(mailsuite: Mailsuite, froms: bytes) -> None:
     """Otherwise DMARC has no domain to judge (permerror) and p=reject is bypassed."""
     message = froms + make_message("x@nothing.test").split(b"\r\n", 1)[1]
@@ -109,6 +108,17 @@ def test_several_from_authors_are_refused(mailsuite: Mailsuite, froms: bytes) ->
     assert mailboxes(mailsuite, recipient) == {"INBOX": [], "Junk": []}
     [event] = events(mailsuite, "rejected", recipients=[recipient])
     assert event["reason"] == "dmarc ambiguous from" and event["code"] == 550
+
+
+def test_a_second_from_in_obsolete_syntax_is_refused_as_a_malformed_header(
+        mailsuite: Mailsuite) -> None:
+    """`From :` hides a second author from parsers that want no space before the colon; the
+    header check refuses the message before DMARC is asked."""
+    froms = b"From: <news@nothing.test>\r\nFrom : <boss@spf-fail.test>\r\n"
+    message = froms + make_message("x@nothing.test").split(b"\r\n", 1)[1]
+    code, text, recipient = send(mailsuite, message, "news@nothing.test")
+    assert (code, text[:5]) == (554, "5.6.0"), text
+    assert mailboxes(mailsuite, recipient) == {"INBOX": [], "Junk": []}
 
 
 # --- pct (RFC 7489 6.6.4) --------------------------------------------------------------------
