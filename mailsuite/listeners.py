@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
+from mailsuite import metrics
 from mailsuite.config import LimitsConfig
 
 log = Logger(namespace="mailsuite.listeners")
@@ -311,8 +312,9 @@ class GuardFactory(WrappingFactory):
     def __init__(self, wrapped: protocol.Factory, reactor: Any, limits: LimitsConfig,
                  implicit_tls: bool = False,
                  refuses: Callable[[str], bool] | None = None,
-                 refusal: bytes | None = None) -> None:
+                 refusal: bytes | None = None, name: str = "") -> None:
         super().__init__(wrapped)
+        self.connections = metrics.CONNECTIONS.labels(name or "unnamed")
         self.reactor = reactor
         self.limits = limits
         self.implicit_tls = implicit_tls
@@ -321,3 +323,11 @@ class GuardFactory(WrappingFactory):
 
     def refuses(self, peer: str) -> bool:
         return self._refuses is not None and self._refuses(peer)
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        self.connections.inc()
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        self.connections.dec()

@@ -143,7 +143,7 @@ class MailsuiteService(service.MultiService):
             refusal = refusal_line(name, config.server.hostname)
             factory = GuardFactory(factory, reactor, config.limits, implicit_tls=implicit_tls,
                                    refuses=authenticator.cooling_off if refusal else None,
-                                   refusal=refusal)
+                                   refusal=refusal, name=name)
             if implicit_tls:
                 # The guard goes inside TLS, where it hears of the handshake's completion.
                 factory = TLSMemoryBIOFactory(tls_options, False, factory)

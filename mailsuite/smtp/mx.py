@@ -15,6 +15,7 @@ import dns.resolver
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from mailsuite import metrics
 from mailsuite.addresses import Address
 from mailsuite.config import Config, MXConfig
 from mailsuite.mime import count_fields, has_field, remove_fields
@@ -233,6 +234,7 @@ class MXServer(ESMTPServer):
         return d
 
     def _stored(self, queue_id: str, queued: bool) -> Reply:
+        metrics.MESSAGES.labels("received").inc()
         if queued:
             self.context.queued()
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -19,7 +19,7 @@ import dkim as dkimpy
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from mailsuite import dkim
+from mailsuite import dkim, metrics
 from mailsuite.addresses import Address, mentioned_addresses
 from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
 from mailsuite.config import Config
@@ -324,6 +324,7 @@ class SubmissionServer(ESMTPServer):
         d = self.context.submissions.submit(prepared)
 
         def committed(_: Any) -> Reply:
+            metrics.MESSAGES.labels("sent").inc()
             if prepared.outbound is not None:
                 self.context.queued()
             return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

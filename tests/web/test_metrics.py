@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import smtplib
 import urllib.request
 from collections.abc import Callable
 
@@ -45,6 +46,23 @@ def test_metrics_need_an_admin_key_and_count_requests_and_the_queue(
                   method="GET") >= 3
     assert sample(text, "mailsuite_queue_recipients", state="queued") >= 0
     assert "/v1/nowhere" not in text  # raw paths never become labels
+
+
+def test_connections_and_messages_are_counted(api: ApiClient, mailsuite: Mailsuite) -> None:
+    def received() -> float:
+        text = api.get("/metrics").body.decode()
+        return sample(text, "mailsuite_messages_total", direction="received") \
+            if 'direction="received"' in text else 0.0
+
+    before = received()
+    address = mailsuite.new_account()
+    with smtplib.SMTP(*mailsuite.mx, timeout=30) as smtp:
+        smtp.sendmail("someone@spf-pass.test", [address], b"Subject: m\r\n\r\nx\r\n")
+        # The metrics request itself holds an HTTP connection, and this one is open.
+        text = api.get("/metrics").body.decode()
+        assert sample(text, "mailsuite_connections", listener="mx") >= 1
+        assert sample(text, "mailsuite_connections", listener="http") >= 1
+    assert received() == before + 1
 
 
 def test_a_metrics_listener_serves_them_without_a_key(
