@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mailsuite.addresses import AddressError
 from mailsuite.store import AliasRow, Conflict, NotFound
-from mailsuite.web.api import Api, ApiError, Call, not_found
+from mailsuite.web.api import Api, ApiError, Call, not_found, page_of
 from mailsuite.web.models import Alias, AliasCreate, AliasList, ListQuery
 
 
@@ -40,10 +40,8 @@ def register(api: Api) -> None:
         assert isinstance(call.query, ListQuery) and call.key is not None
         domains = None if call.unrestricted else list(call.key.domains)
         rows = await call.store.alias_page(call.query.page_token, call.query.limit + 1, domains)
-        page = rows[:call.query.limit]
-        more = len(rows) > call.query.limit
-        return AliasList(data=[_alias(r) for r in page], has_more=more,
-                         next_page_token=page[-1].api_id if more else None)
+        page, more = page_of(rows, call.query.limit, lambda row: row.api_id)
+        return AliasList(data=[_alias(r) for r in page], **more)
 
     @api.operation("DELETE", "/v1/aliases/{alias}", scope="domains:write", status=204,
                    summary="Remove an alias (by id or source) with all its destinations",

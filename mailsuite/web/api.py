@@ -11,9 +11,9 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from klein import Klein
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,7 @@ from mailsuite.web.ratelimit import RateLimiter
 
 log = Logger(namespace="mailsuite.web")
 JSON = "application/json"
+T = TypeVar("T")
 #: the scope of operations any valid key may call
 ANY_KEY = "*"
 
@@ -52,6 +53,14 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.param = param
+
+
+def page_of(rows: Sequence[T], limit: int, id_of: Callable[[T], str]
+            ) -> tuple[list[T], dict[str, Any]]:
+    """rows fetched with limit + 1 → (the page, its has_more and next_page_token)."""
+    page = list(rows[:limit])
+    more = len(rows) > limit
+    return page, {"has_more": more, "next_page_token": id_of(page[-1]) if more else None}
 
 
 def not_found(what: str) -> ApiError:

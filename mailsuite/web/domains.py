@@ -7,7 +7,7 @@ from twisted.internet import threads
 from mailsuite import dkim
 from mailsuite.addresses import AddressError
 from mailsuite.store import Conflict, DomainRow, InUse, NotFound
-from mailsuite.web.api import Api, ApiError, Call, not_found
+from mailsuite.web.api import Api, ApiError, Call, not_found, page_of
 from mailsuite.web.models import (
     DeleteQuery,
     DnsRecord,
@@ -68,10 +68,8 @@ def register(api: Api) -> None:
         assert isinstance(call.query, ListQuery) and call.key is not None
         names = None if call.unrestricted else list(call.key.domains)
         rows = await call.store.domain_page(call.query.page_token, call.query.limit + 1, names)
-        page = rows[:call.query.limit]
-        more = len(rows) > call.query.limit
-        return DomainList(data=[_summary(r) for r in page], has_more=more,
-                          next_page_token=page[-1].api_id if more else None)
+        page, more = page_of(rows, call.query.limit, lambda row: row.api_id)
+        return DomainList(data=[_summary(r) for r in page], **more)
 
     @api.operation("GET", "/v1/domains/{domain}", scope="domains:read", response=Domain,
                    summary="One domain, by id or name, with its records", tag="domains")

@@ -7,7 +7,7 @@ from twisted.internet import threads
 from mailsuite.addresses import AddressError, parse_account_address
 from mailsuite.passwords import PasswordError, hash_password
 from mailsuite.store import NO_PASSWORD, Conflict, InboxRow, NotFound, StoreError
-from mailsuite.web.api import Api, ApiError, Call, not_found
+from mailsuite.web.api import Api, ApiError, Call, not_found, page_of
 from mailsuite.web.models import (
     Folder,
     FolderCreate,
@@ -78,10 +78,8 @@ def register(api: Api) -> None:
         reach = None if call.unrestricted else (call.key.domains, call.key.inboxes)
         domain = query.domain.strip().lower() if query.domain else None
         rows = await call.store.inbox_page(query.page_token, query.limit + 1, domain, reach)
-        page = rows[:query.limit]
-        more = len(rows) > query.limit
-        return InboxList(data=[_inbox(r) for r in page], has_more=more,
-                         next_page_token=page[-1].api_id if more else None)
+        page, more = page_of(rows, query.limit, lambda row: row.api_id)
+        return InboxList(data=[_inbox(r) for r in page], **more)
 
     @api.operation("GET", "/v1/inboxes/{inbox}", scope="inboxes:read", response=InboxDetail,
                    summary="One inbox, by id or address, with its folders and usage",

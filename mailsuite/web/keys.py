@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mailsuite import apikeys
 from mailsuite.store import ApiKey, NotFound
-from mailsuite.web.api import ANY_KEY, Api, ApiError, Call, not_found
+from mailsuite.web.api import ANY_KEY, Api, ApiError, Call, not_found, page_of
 from mailsuite.web.models import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -78,10 +78,8 @@ def register(api: Api) -> None:
         # Keys are few; they are filtered by what the caller may see, then paged by id.
         keys = [k for k in await call.store.api_key_list() if _visible(call.key, k)
                 and (query.page_token is None or k.id > query.page_token)]
-        page = keys[:query.limit]
-        more = len(keys) > query.limit
-        return ApiKeyList(data=[_out(k) for k in page], has_more=more,
-                          next_page_token=page[-1].id if more else None)
+        page, more = page_of(keys, query.limit, lambda key: key.id)
+        return ApiKeyList(data=[_out(k) for k in page], **more)
 
     @api.operation("GET", "/v1/api-keys/{key_id}", scope="keys:read", response=ApiKeyOut,
                    summary="One key", tag="keys")
