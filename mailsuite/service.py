@@ -22,8 +22,8 @@ from mailsuite.listeners import GuardFactory, SharedPortService, refusal_line
 from mailsuite.netlimits import ConnectionCounter
 from mailsuite.notify import Notifier, PostgresListener
 from mailsuite.pop3.server import POP3Factory
+from mailsuite.resolver import install_resolver, make_resolver
 from mailsuite.smtp.delivery import QueueRunner
-from mailsuite.smtp.dns import install_resolver, make_resolver
 from mailsuite.smtp.mx import MXContext, MXFactory
 from mailsuite.smtp.srs import SRS
 from mailsuite.smtp.submission import SubmissionContext, SubmissionFactory
@@ -185,7 +185,7 @@ class MailsuiteService(service.MultiService):
             listen(name, getattr(config.listen, name),
                    IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
                                imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
-        listen("http", config.listen.http, make_site(async_store, config))
+        listen("http", config.listen.http, make_site(async_store, config, resolver))
         listen("metrics", config.listen.metrics, make_metrics_site(async_store))
         ReadyService(listeners).setServiceParent(self)
         log.info("mailsuite configured: store={backend}",

@@ -32,7 +32,7 @@ from publicsuffix2 import PublicSuffixList
 
 from mailsuite import dkimlinear
 from mailsuite.dkimlinear import ParsedMessage, parse_message
-from mailsuite.smtp.dns import TemporaryDNSError, txt_records
+from mailsuite.resolver import TemporaryDNSError, txt_records
 
 #: DKIM signatures checked per message; the rest are ignored (each costs DNS and RSA).
 MAX_SIGNATURES = 8

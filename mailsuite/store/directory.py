@@ -127,6 +127,15 @@ class DirectoryMixin:
                 column == ref.lower().rstrip("."))).one_or_none()
         return _domain_row(row) if row is not None else None
 
+    def domain_set_verified(self, name: str, when: datetime | None) -> DomainRow:
+        """Record when the domain's DNS records last checked out (None: they do not)."""
+        with self.db.write() as conn:
+            if not conn.execute(update(t.domains).where(t.domains.c.name == name)
+                                .values(verified_at=when)).rowcount:
+                raise NotFound(f"unknown domain {name}")
+            return _domain_row(conn.execute(select(t.domains).where(
+                t.domains.c.name == name)).one())
+
     def domain_page(self, after: str | None, limit: int,
                     names: Sequence[str] | None = None) -> list[DomainRow]:
         """Domains by API id (creation order) after `after`; only `names` when given."""

@@ -74,6 +74,7 @@ class Call:
     request: Any
     store: AsyncStore
     config: Config
+    resolver: Any  # dns.resolver.Resolver: the process's, as configured
     key: ApiKey | None
     params: dict[str, str]
     query: BaseModel | None = None
@@ -101,6 +102,16 @@ class Raw:
 
 #: a handler returns a model, plain JSON data for an operation without a response model, or Raw
 Handler = Callable[..., Awaitable[BaseModel | dict[str, Any] | Raw | None]]
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every operation may use besides its request."""
+
+    store: AsyncStore
+    config: Config
+    resolver: Any
+    limiter: RateLimiter | None
 
 
 @dataclass
@@ -147,13 +158,14 @@ class Api:
         return register
 
     # --- serving ---------------------------------------------------------------------------
-    def klein(self, store: AsyncStore, config: Config) -> Klein:
+    def klein(self, store: AsyncStore, config: Config, resolver: Any) -> Klein:
         app = Klein()
         limiter = RateLimiter(config.api.rate_limit) if config.api.rate_limit else None
         for op in self.operations:
             route = re.sub(r"\{(\w+)\}", r"<string:\1>", op.path)
             app.route(route, methods=[op.method], branch=False,
-                      endpoint=op.operation_id)(self._endpoint(op, store, config, limiter))
+                      endpoint=op.operation_id)(
+                self._endpoint(op, Services(store, config, resolver, limiter)))
 
         @app.handle_errors(NotFound)
         def unknown(request: Any, failure: Any) -> bytes:
@@ -165,26 +177,24 @@ class Api:
                                                 "this endpoint does not take that method"))
         return app
 
-    def _endpoint(self, op: Operation, store: AsyncStore, config: Config,
-                  limiter: RateLimiter | None) -> Callable[..., Any]:
+    def _endpoint(self, op: Operation, services: Services) -> Callable[..., Any]:
         def endpoint(request: Any, **params: str) -> defer.Deferred:
-            return defer.ensureDeferred(self._dispatch(op, store, config, limiter, request,
-                                                       params))
+            return defer.ensureDeferred(self._dispatch(op, services, request, params))
         return endpoint
 
-    async def _dispatch(self, op: Operation, store: AsyncStore, config: Config,
-                        limiter: RateLimiter | None, request: Any,
+    async def _dispatch(self, op: Operation, services: Services, request: Any,
                         params: dict[str, str]) -> bytes:
         request_id(request)
         started = time.monotonic()
         try:
-            key = await authenticate(request, store, op.scope) if op.scope else None
-            if key is not None and limiter is not None:
-                _limit(request, limiter, key.id)
+            key = await authenticate(request, services.store, op.scope) if op.scope else None
+            if key is not None and services.limiter is not None:
+                _limit(request, services.limiter, key.id)
         except ApiError as refusal:
             status, body, content_type = refusal.status, _error_body(request, refusal), JSON
         else:
-            call = Call(request, store, config, key, params)
+            call = Call(request, services.store, services.config, services.resolver, key,
+                        params)
             idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
             if key is None or idempotency_key is None:
                 status, body, content_type = await self._run(op, call)

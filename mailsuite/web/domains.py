@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from twisted.internet import threads
 
-from mailsuite import dkim
+from mailsuite import dkim, dnscheck
 from mailsuite.addresses import AddressError
 from mailsuite.store import Conflict, DomainRow, InUse, NotFound
 from mailsuite.web.api import Api, ApiError, Call, not_found, page_of
 from mailsuite.web.models import (
     DeleteQuery,
     DnsRecord,
+    DnsRecordCheck,
     DnsRecordList,
     Domain,
     DomainCreate,
     DomainList,
     DomainSummary,
+    DomainVerification,
     ListQuery,
 )
 
@@ -26,13 +30,17 @@ def _summary(row: DomainRow) -> DomainSummary:
                          status="verified" if row.verified_at else "pending")
 
 
-async def _records(call: Call, name: str) -> list[DnsRecord]:
+async def _zone(call: Call, name: str) -> list[tuple[str, str, str]]:
     keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
             for k in await call.store.dkim_keys(name)]
     # Deriving a public key loads the private PEM: CPU work, kept off the reactor.
-    records = await threads.deferToThread(dkim.dns_records, name, call.config.server.hostname,
-                                          keys)
-    return [DnsRecord(type=rtype, name=owner, value=value) for owner, rtype, value in records]
+    return await threads.deferToThread(dkim.dns_records, name, call.config.server.hostname,
+                                       keys)
+
+
+async def _records(call: Call, name: str) -> list[DnsRecord]:
+    return [DnsRecord(type=rtype, name=owner, value=value)
+            for owner, rtype, value in await _zone(call, name)]
 
 
 async def _reached(call: Call, ref: str) -> DomainRow:
@@ -83,6 +91,22 @@ def register(api: Api) -> None:
     async def get_domain_records(call: Call) -> DnsRecordList:
         row = await _reached(call, call.params["domain"])
         return DnsRecordList(data=await _records(call, row.name))
+
+    @api.operation("POST", "/v1/domains/{domain}/verify", scope="domains:write",
+                   response=DomainVerification, tag="domains",
+                   summary="Look every record up through the configured resolver; the domain "
+                   "is verified when its MX, SPF and DKIM records match")
+    async def verify_domain(call: Call) -> DomainVerification:
+        row = await _reached(call, call.params["domain"])
+        checks = await threads.deferToThread(dnscheck.check_records, call.resolver,
+                                             await _zone(call, row.name))
+        outcome = dnscheck.verified(checks)
+        if outcome is not None:  # a temporary failure changes nothing
+            row = await call.store.domain_set_verified(
+                row.name, datetime.now(UTC) if outcome else None)
+        return DomainVerification(domain=_summary(row), records=[
+            DnsRecordCheck(type=c.type, name=c.name, value=c.value, status=c.status,
+                           found=list(c.found)) for _, c in checks])
 
     @api.operation("DELETE", "/v1/domains/{domain}", scope="domains:write", status=204,
                    query=DeleteQuery, tag="domains",

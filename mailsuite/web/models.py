@@ -123,6 +123,16 @@ class DnsRecordList(BaseModel):
     data: list[DnsRecord]
 
 
+class DnsRecordCheck(DnsRecord):
+    status: Literal["verified", "missing", "mismatch", "temperror"]
+    found: list[str] = Field(description="what is published there, for a mismatch")
+
+
+class DomainVerification(BaseModel):
+    domain: DomainSummary
+    records: list[DnsRecordCheck]
+
+
 class DeleteQuery(Body):
     force: bool = False
 

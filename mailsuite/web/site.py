@@ -101,8 +101,8 @@ def make_metrics_site(store: AsyncStore) -> server.Site:
     return site
 
 
-def make_site(store: AsyncStore, config: Config) -> server.Site:
-    app = build_api().klein(store, config)
+def make_site(store: AsyncStore, config: Config, resolver: Any) -> server.Site:
+    app = build_api().klein(store, config, resolver)
     request_class = type("Request", (LimitedRequest,), {"max_body": config.api.max_body})
     # twisted.web keeps an idle connection 12 hours by default; a minute is plenty for an API.
     site = server.Site(app.resource(), requestFactory=request_class, timeout=60)

@@ -24,8 +24,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mailsuite.config import load_config
+from mailsuite.resolver import make_resolver
 from mailsuite.smtp.delivery import QueueRunner
-from mailsuite.smtp.dns import make_resolver
 from mailsuite.smtp.dsn import SUBJECT_EXPIRED
 from mailsuite.store import AsyncStore, Outbound, Store, Submission, new_queue_id, open_store
 from tests.dnsserver import DNSServerHandle, start_dns_server

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from mailsuite import dkim as mailsuite_dkim
 from mailsuite import dkimlinear
 from mailsuite.config import Config, DNSConfig
+from mailsuite.resolver import make_resolver
 from mailsuite.smtp import authresults
-from mailsuite.smtp.dns import make_resolver
 from tests.dnsserver import DNSServerHandle
 from tests.harness import TEST_HOSTNAME, Mailsuite
 from tests.smtp.test_mx_auth_results import make_message, one, our_results, parse_ar

@@ -10,7 +10,7 @@ import dns.resolver
 import pytest
 
 from mailsuite.config import load_config
-from mailsuite.smtp.dns import make_resolver
+from mailsuite.resolver import make_resolver
 from mailsuite.smtp.routing import MXHost, RouteError, resolve_route
 from tests.dnsserver import start_dns_server
 

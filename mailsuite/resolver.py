@@ -1,4 +1,5 @@
-"""One dnspython resolver for the process, pointed at [dns] resolver when configured.
+"""One dnspython resolver for the process, pointed at [dns] resolver when configured (shared
+by the MX checks, delivery routing and the API's domain verification).
 
 It is also installed as dnspython's default resolver, because pyspf looks names up through
 the module-level `dns.resolver` functions and offers no other hook.
