@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
-import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import dkim as dkimpy
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from mailsuite import dkim, metrics
-from mailsuite.addresses import Address, mentioned_addresses
+from mailsuite import metrics, sending
+from mailsuite.addresses import Address
 from mailsuite.auth import Authenticator, SASLError, decode_sasl_plain
 from mailsuite.config import Config
-from mailsuite.mime import count_fields, has_field, header_fields, split_message
+from mailsuite.mime import count_fields
 from mailsuite.smtp.server import (
     ESMTPServer,
     ESMTPServerFactory,
@@ -34,15 +30,12 @@ from mailsuite.smtp.server import (
 from mailsuite.store import (
     AccountRow,
     AsyncStore,
-    Delivery,
-    Outbound,
     Resolution,
     SenderIdentities,
     Submission,
     new_queue_id,
 )
 from mailsuite.store.batcher import Batcher
-from mailsuite.structure import imap_structure
 
 log = Logger(namespace="mailsuite.submission")
 
@@ -55,15 +48,18 @@ class SubmissionContext:
     authenticator: Authenticator
     reactor: Any
     queued: Any  # called after a commit that queued mail (wakes the delivery workers)
-    #: signing keys by domain, with their expiry, so a message costs no key lookup
-    keys: dict[str, tuple[list[dkim.DKIMKey], float]] = field(default_factory=dict)
     #: recent recipient routes, address -> ((resolution, suppression), expiry); an app
     #: sending to the same addresses all day costs no lookup per RCPT
     routes: dict[str, tuple[tuple[Resolution, str | None], float]] = field(
         default_factory=dict)
 
-    KEY_TTL = 60.0
+    #: a domain's signing keys, kept a minute: a message costs no key lookup
+    signing_keys: sending.SigningKeys = field(init=False)
+
     ROUTE_TTL = 5.0
+
+    def __post_init__(self) -> None:
+        self.signing_keys = sending.SigningKeys(self.store.store)
 
     def route(self, address: str) -> tuple[Resolution, str | None] | defer.Deferred:
         hit = self.routes.get(address)
@@ -84,16 +80,6 @@ class SubmissionContext:
                 self.routes.clear()
             self.routes[address] = (route, time.monotonic() + self.ROUTE_TTL)
         return route
-
-    def signing_keys(self, domain: str) -> list[dkim.DKIMKey]:
-        """In a thread: the domain's active keys (cached a minute, so a rotation shows soon)."""
-        hit = self.keys.get(domain)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
-        keys = [dkim.DKIMKey(k.domain, k.selector, k.algorithm, k.private_key)
-                for k in self.store.store.dkim_keys(domain)]
-        self.keys[domain] = (keys, time.monotonic() + self.KEY_TTL)
-        return keys
 
 
 class SubmissionFactory(ESMTPServerFactory):
@@ -260,63 +246,16 @@ class SubmissionServer(ESMTPServer):
 
     def _prepare(self, txn: Transaction, raw: bytes, received: bytes,
                  queue_id: str) -> Submission | Reply:
-        """In a thread: check From:, complete the header, sign, and split by destination."""
+        """In a thread: the shared pipeline (sender policy, completion, signing, routing)."""
         assert self.identities is not None and self.account is not None
-        header, _ = split_message(raw)
-        # Read the way receivers read it: "From :" (RFC 5322 4.5 obsolete syntax) counts.
-        fields = [f.value for f in header_fields(header) if f.name.strip().lower() == "from"]
-        if len(fields) > 1:
-            return Reply(550, "5.6.0", "Message refused: more than one From: header "
-                                       "(RFC 5322 3.6)")
-        senders = [address for _, address in email.utils.getaddresses(fields)]
-        if not senders or not all("@" in a for a in senders):
-            return Reply(550, "5.6.0", "Message refused: it needs a From: header with an "
-                                       "address (RFC 5322 3.6.2)")
-        for address in senders:
-            if not self.identities.allows(address):
-                return Reply(553, "5.7.1", f"From: <{address}> is not an address of user "
-                                           f"{self.account.address}")
-        # A display name or comment that reads as someone else's address is what a reader
-        # sees first ("alice@example.test(<ceo@bank.test>"): only the user's own may appear.
-        if not all(self.identities.allows(mentioned)
-                   for value in fields for mentioned in mentioned_addresses(value)):
-            return Reply(553, "5.7.1", "From: its display name or a comment names an address "
-                                       f"that is not one of user {self.account.address}")
-        # RFC 6409 8.2, 8.3: the submission server completes a header missing these.
-        extra = b""
-        if not has_field(raw, "Date"):
-            now = email.utils.format_datetime(datetime.now(UTC))  # +0000, not "no zone" -0000
-            extra += f"Date: {now}\r\n".encode()
-        if not has_field(raw, "Message-ID"):
-            extra += f"Message-ID: <{secrets.token_hex(12)}@{self.hostname}>\r\n".encode()
-        domain = senders[0].rpartition("@")[2].lower()
-        try:
-            signed = dkim.sign_message(extra + raw, self.context.signing_keys(domain))
-        except dkimpy.DKIMException as exc:
-            return Reply(550, "5.6.0", f"Message refused: malformed header section ({exc})")
-        message = received + signed
-        local: list[int] = []
-        remote: list[str] = []
-        for address, resolution in txn.recipients:
-            if resolution.kind == "foreign":
-                remote.append(str(address))
-            else:
-                local.extend(resolution.account_ids)
-                remote.extend(resolution.external)
-        delivery = outbound = None
-        detail = {"queue_id": queue_id, "sender": txn.sender_text, "via": "submission",
-                  "user": self.account.address}
-        if local:
-            copy = f"Return-Path: <{txn.sender_text}>\r\n".encode() + message
-            delivery = Delivery(raw=copy, account_ids=tuple(sorted(set(local))), detail=detail,
-                                structure=imap_structure(copy))
-        if remote:
-            outbound = Outbound(
-                sender=txn.sender_text, recipients=tuple(dict.fromkeys(remote)), raw=message,
-                return_to=txn.sender_text, account_id=self.account.id, kind="submission",
-                smtputf8=txn.smtputf8 or not all(a.isascii() for a in remote),
-                detail=detail)
-        return Submission(queue_id, delivery, outbound)
+        prepared = sending.prepare(sending.Outgoing(
+            account=self.account, identities=self.identities, raw=raw,
+            envelope_from=txn.sender_text, recipients=txn.recipients, queue_id=queue_id,
+            hostname=self.hostname, via="submission", smtputf8=txn.smtputf8),
+            self.context.signing_keys, received)
+        if isinstance(prepared, sending.Refused):
+            return Reply(prepared.code, prepared.status, prepared.text)
+        return prepared
 
     def _commit(self, prepared: Submission | Reply, queue_id: str) -> Any:
         if isinstance(prepared, Reply):

@@ -49,6 +49,7 @@ class Submission:
     queue_id: str
     delivery: Delivery | None = None
     outbound: Outbound | None = None
+    sent: Delivery | None = None  # the sender's own copy in its Sent folder
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class QueueMixin:
 
     def _submit_all(self, conn: Connection, items: Sequence[Submission]) -> list[str]:
         now = datetime.now(UTC)
-        deliveries = [item.delivery for item in items if item.delivery is not None]
+        deliveries = [copy for item in items for copy in (item.delivery, item.sent)
+                      if copy is not None]
         if deliveries:
             self._deliver_all(conn, deliveries)
         queued = [item for item in items if item.outbound is not None]
