@@ -185,7 +185,8 @@ class MailsuiteService(service.MultiService):
             listen(name, getattr(config.listen, name),
                    IMAPFactory(config, async_store, authenticator, notifier, tls_options, reactor,
                                imap_ip, imap_account, implicit_tls=implicit), implicit_tls=implicit)
-        listen("http", config.listen.http, make_site(async_store, config, resolver))
+        listen("http", config.listen.http, make_site(async_store, config, resolver,
+                                                          runner.wake))
         listen("metrics", config.listen.metrics, make_metrics_site(async_store))
         ReadyService(listeners).setServiceParent(self)
         log.info("mailsuite configured: store={backend}",

@@ -25,6 +25,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from mailsuite import apikeys, metrics
 from mailsuite.config import Config
 from mailsuite.ids import new_id
+from mailsuite.sending import SigningKeys
 from mailsuite.store import ApiKey, AsyncStore
 from mailsuite.web.models import ErrorResponse
 from mailsuite.web.ratelimit import RateLimiter
@@ -67,17 +68,40 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, "not_found", f"no such {what}")
 
 
-@dataclass
-class Call:
-    """What a handler gets: the request, the caller's key, path and query parameters."""
+@dataclass(frozen=True)
+class Services:
+    """What every operation may use besides its request."""
 
-    request: Any
     store: AsyncStore
     config: Config
     resolver: Any  # dns.resolver.Resolver: the process's, as configured
+    limiter: RateLimiter | None
+    signing_keys: SigningKeys
+    queued: Callable[[], None]  # wakes the queue's workers after a commit that queued mail
+
+
+@dataclass
+class Call:
+    """What a handler gets: the request, the caller's key, path and query parameters, and
+    the services every operation may use."""
+
+    request: Any
+    services: Services
     key: ApiKey | None
     params: dict[str, str]
     query: BaseModel | None = None
+
+    @property
+    def store(self) -> AsyncStore:
+        return self.services.store
+
+    @property
+    def config(self) -> Config:
+        return self.services.config
+
+    @property
+    def resolver(self) -> Any:
+        return self.services.resolver
 
     @property
     def unrestricted(self) -> bool:
@@ -102,16 +126,6 @@ class Raw:
 
 #: a handler returns a model, plain JSON data for an operation without a response model, or Raw
 Handler = Callable[..., Awaitable[BaseModel | dict[str, Any] | Raw | None]]
-
-
-@dataclass(frozen=True)
-class Services:
-    """What every operation may use besides its request."""
-
-    store: AsyncStore
-    config: Config
-    resolver: Any
-    limiter: RateLimiter | None
 
 
 @dataclass
@@ -158,14 +172,12 @@ class Api:
         return register
 
     # --- serving ---------------------------------------------------------------------------
-    def klein(self, store: AsyncStore, config: Config, resolver: Any) -> Klein:
+    def klein(self, services: Services) -> Klein:
         app = Klein()
-        limiter = RateLimiter(config.api.rate_limit) if config.api.rate_limit else None
         for op in self.operations:
             route = re.sub(r"\{(\w+)\}", r"<string:\1>", op.path)
             app.route(route, methods=[op.method], branch=False,
-                      endpoint=op.operation_id)(
-                self._endpoint(op, Services(store, config, resolver, limiter)))
+                      endpoint=op.operation_id)(self._endpoint(op, services))
 
         @app.handle_errors(NotFound)
         def unknown(request: Any, failure: Any) -> bytes:
@@ -193,8 +205,7 @@ class Api:
         except ApiError as refusal:
             status, body, content_type = refusal.status, _error_body(request, refusal), JSON
         else:
-            call = Call(request, services.store, services.config, services.resolver, key,
-                        params)
+            call = Call(request, services, key, params)
             idempotency_key = request.getHeader("idempotency-key") if op.idempotent else None
             if key is None or idempotency_key is None:
                 status, body, content_type = await self._run(op, call)

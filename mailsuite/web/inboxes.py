@@ -26,7 +26,8 @@ def _inbox(row: InboxRow) -> Inbox:
                  created_at=row.created_at)
 
 
-async def _reached(call: Call, ref: str) -> InboxRow:
+async def reached_inbox(call: Call, ref: str) -> InboxRow:
+    """The inbox (by id or address) if the caller's key reaches it; 404 otherwise."""
     row = await call.store.inbox_find(ref)
     if row is None or not call.reaches_inbox(row.address):
         raise not_found("inbox")
@@ -85,7 +86,7 @@ def register(api: Api) -> None:
                    summary="One inbox, by id or address, with its folders and usage",
                    tag="inboxes")
     async def get_inbox(call: Call) -> InboxDetail:
-        row = await _reached(call, call.params["inbox"])
+        row = await reached_inbox(call, call.params["inbox"])
         folders = await _folders(call, row)
         return InboxDetail(**_inbox(row).model_dump(), folders=folders,
                            messages=sum(f.messages for f in folders),
@@ -96,7 +97,7 @@ def register(api: Api) -> None:
                    response=Inbox, summary="Change the display name or the password",
                    tag="inboxes")
     async def update_inbox(call: Call, body: InboxUpdate) -> Inbox:
-        row = await _reached(call, call.params["inbox"])
+        row = await reached_inbox(call, call.params["inbox"])
         try:
             if "password" in body.model_fields_set:
                 if body.password is None:
@@ -107,12 +108,12 @@ def register(api: Api) -> None:
                 await call.store.account_set_display_name(row.address, body.display_name)
         except NotFound:
             raise not_found("inbox") from None
-        return _inbox(await _reached(call, row.api_id))
+        return _inbox(await reached_inbox(call, row.api_id))
 
     @api.operation("DELETE", "/v1/inboxes/{inbox}", scope="inboxes:write", status=204,
                    summary="Remove the inbox and all its mail", tag="inboxes")
     async def delete_inbox(call: Call) -> None:
-        row = await _reached(call, call.params["inbox"])
+        row = await reached_inbox(call, call.params["inbox"])
         try:
             await call.store.account_remove(row.address)
         except NotFound:
@@ -122,14 +123,15 @@ def register(api: Api) -> None:
                    response=FolderList, summary="The inbox's folders (its IMAP mailboxes)",
                    tag="inboxes")
     async def list_folders(call: Call) -> FolderList:
-        return FolderList(data=await _folders(call, await _reached(call, call.params["inbox"])))
+        inbox = await reached_inbox(call, call.params["inbox"])
+        return FolderList(data=await _folders(call, inbox))
 
     @api.operation("POST", "/v1/inboxes/{inbox}/folders", scope="inboxes:write", status=201,
                    body=FolderCreate, response=Folder, tag="inboxes",
                    errors={409: "the folder exists already"},
                    summary="Create a folder (and missing parents; / separates levels)")
     async def create_folder(call: Call, body: FolderCreate) -> Folder:
-        row = await _reached(call, call.params["inbox"])
+        row = await reached_inbox(call, call.params["inbox"])
         try:
             await call.store.mailbox_create(row.id, body.name)
         except Conflict as exc:

@@ -213,3 +213,39 @@ class AliasList(BaseModel):
     data: list[Alias]
     next_page_token: str | None
     has_more: bool
+
+
+class AttachmentIn(Body):
+    filename: str = Field(min_length=1, max_length=255)
+    content_type: str = Field("application/octet-stream", max_length=255)
+    content: str = Field(description="the file, base64")
+    content_id: str | None = Field(None, max_length=200)
+    inline: bool = False
+
+
+Addresses = str | list[str]
+
+
+class SendRequest(Body):
+    to: Addresses
+    cc: Addresses | None = None
+    bcc: Addresses | None = None
+    reply_to: Addresses | None = None
+    subject: str = Field("", max_length=998)
+    text: str | None = None
+    html: str | None = None
+    attachments: list[AttachmentIn] = Field(default_factory=list, max_length=100)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=50)
+
+
+class RecipientStatus(BaseModel):
+    address: str
+    status: Literal["delivered", "queued"] = Field(
+        description="delivered: stored in a local inbox; queued: for a remote server")
+
+
+class SendResult(BaseModel):
+    queue_id: str
+    message_id: str = Field(description="the RFC 5322 Message-ID, without <>")
+    status: Literal["queued"]
+    recipients: list[RecipientStatus]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
@@ -10,10 +11,12 @@ from twisted.web import server
 
 from mailsuite import __version__, metrics
 from mailsuite.config import Config
+from mailsuite.sending import SigningKeys
 from mailsuite.store import AsyncStore
-from mailsuite.web import aliases, domains, inboxes, keys
-from mailsuite.web.api import Api, ApiError, Call, Raw, new_request_id
+from mailsuite.web import aliases, domains, inboxes, keys, messages
+from mailsuite.web.api import Api, ApiError, Call, Raw, Services, new_request_id
 from mailsuite.web.models import Health
+from mailsuite.web.ratelimit import RateLimiter
 
 
 def build_api() -> Api:
@@ -42,6 +45,7 @@ def build_api() -> Api:
     domains.register(api)
     inboxes.register(api)
     aliases.register(api)
+    messages.register(api)
     document = api.openapi()
     return api
 
@@ -101,8 +105,11 @@ def make_metrics_site(store: AsyncStore) -> server.Site:
     return site
 
 
-def make_site(store: AsyncStore, config: Config, resolver: Any) -> server.Site:
-    app = build_api().klein(store, config, resolver)
+def make_site(store: AsyncStore, config: Config, resolver: Any,
+              queued: Callable[[], None]) -> server.Site:
+    limiter = RateLimiter(config.api.rate_limit) if config.api.rate_limit else None
+    app = build_api().klein(Services(store, config, resolver, limiter,
+                                     SigningKeys(store.store), queued))
     request_class = type("Request", (LimitedRequest,), {"max_body": config.api.max_body})
     # twisted.web keeps an idle connection 12 hours by default; a minute is plenty for an API.
     site = server.Site(app.resource(), requestFactory=request_class, timeout=60)
