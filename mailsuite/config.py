@@ -188,6 +188,8 @@ class LimitsConfig:
 class APIConfig:
     max_body: int = 36700160  # 35 MiB: a 25 MiB message as base64 JSON, with room
     rate_limit: int = 600  # requests a minute per API key, per process; 0: no limit
+    request_timeout: float = 30.0  # a request's line, headers and body, from its first octet
+    min_data_rate: int = 500  # octets/s of a request body that buy more time
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,14 @@ def _validate(config: Config, name: str, text: str) -> None:
     url = config.database_url
     if not (url.startswith("sqlite:") or url.startswith("postgresql")):
         fail("database", "url", "must be a sqlite:/// or postgresql:// URL")
+    if config.api.max_body < 1024:
+        fail("api", "max_body", "must be at least 1024")
+    if config.api.rate_limit < 0:
+        fail("api", "rate_limit", "must be 0 (no limit) or more")
+    if config.api.request_timeout <= 0:
+        fail("api", "request_timeout", "must be positive")
+    if config.api.min_data_rate < 1:
+        fail("api", "min_data_rate", "must be at least 1")
     if config.tls.cert and not config.tls.key:
         fail("tls", "cert", "needs tls.key as well")
     if config.tls.key and not config.tls.cert:

@@ -294,6 +294,10 @@ def test_tls_key_without_cert_is_refused(tmp_path: Path) -> None:
     ("[smtp]\ncommit_timeout = 0\n", "smtp.commit_timeout"),
     ("[imap]\nlogin_timeout = 0\n", "imap.login_timeout"),
     ("[pop3]\ncommand_timeout = 0\n", "pop3.command_timeout"),
+    ("[api]\nmax_body = 10\n", "api.max_body"),
+    ("[api]\nrate_limit = -1\n", "api.rate_limit"),
+    ("[api]\nrequest_timeout = 0\n", "api.request_timeout"),
+    ("[api]\nmin_data_rate = 0\n", "api.min_data_rate"),
 ])
 def test_invalid_values_are_refused_naming_file_line_and_option(
         tmp_path: Path, text: str, option: str) -> None:

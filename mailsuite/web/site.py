@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from twisted.web import server
+from twisted.web import http, server
 
 from mailsuite import __version__, metrics
 from mailsuite.config import Config
@@ -74,20 +74,73 @@ class LimitedRequest(server.Request):
         if getattr(self, "_refused", False):
             return
         self._refused = True
-        rid = new_request_id()
-        body = json.dumps({"error": {
-            "code": "payload_too_large",
-            "message": f"the body is over {self.max_body} bytes", "request_id": rid,
-        }}).encode()
-        self.channel.transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            b"X-Request-Id: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-            % (rid.encode(), len(body), body))
-        self.channel.transport.loseConnection()
+        answer_and_close(self.channel.transport, 413, "Payload Too Large", "payload_too_large",
+                         f"the body is over {self.max_body} bytes")
 
 
 async def _metrics(store: AsyncStore) -> Raw:
     return Raw(metrics.render(await store.queue_depth()), metrics.CONTENT_TYPE)
+
+
+def answer_and_close(transport: Any, status: int, reason: str, code: str, message: str) -> None:
+    """A JSON error written straight to the connection, which then closes: for refusals made
+    before a request exists to answer through."""
+    rid = new_request_id()
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": rid}})
+    transport.write(
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {rid}\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    transport.loseConnection()
+
+
+class DeadlineChannel(http.HTTPChannel):
+    """HTTP/1.1 whose requests must arrive in time: from a request's first octet, its line,
+    headers and body get request_timeout seconds plus one per min_data_rate octets received.
+    The idle timer alone lets a client that drips a request hold the connection forever.
+    (HTTP/1.1 only: the API needs no HTTP/2, and this keeps the channel ours.)"""
+
+    request_timeout = 30.0
+    min_data_rate = 500
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._request_started: float | None = None
+        self._request_octets = 0
+        self._request_timer: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._request_started is None:
+            self._request_started = self.site.reactor.seconds()
+            self._request_octets = 0
+            self._request_timer = self.callLater(self.request_timeout, self._request_overdue)
+        self._request_octets += len(data)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._request_done()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._request_done()
+        super().connectionLost(reason)
+
+    def _request_done(self) -> None:
+        self._request_started = None
+        if self._request_timer is not None and self._request_timer.active():
+            self._request_timer.cancel()
+        self._request_timer = None
+
+    def _request_overdue(self) -> None:
+        assert self._request_started is not None
+        allowed = self.request_timeout + self._request_octets / self.min_data_rate
+        remaining = self._request_started + allowed - self.site.reactor.seconds()
+        if remaining > 0:  # the client kept sending: it has earned more time
+            self._request_timer = self.callLater(remaining, self._request_overdue)
+            return
+        self._request_timer = None
+        answer_and_close(self.transport, 408, "Request Timeout", "request_timeout",
+                         "the request took too long to arrive")
 
 
 def make_metrics_site(store: AsyncStore) -> server.Site:
@@ -101,6 +154,7 @@ def make_metrics_site(store: AsyncStore) -> server.Site:
         return result.body
 
     site = server.Site(app.resource(), timeout=60)
+    site.protocol = DeadlineChannel
     site.displayTracebacks = False
     return site
 
@@ -113,6 +167,9 @@ def make_site(store: AsyncStore, config: Config, resolver: Any,
     request_class = type("Request", (LimitedRequest,), {"max_body": config.api.max_body})
     # twisted.web keeps an idle connection 12 hours by default; a minute is plenty for an API.
     site = server.Site(app.resource(), requestFactory=request_class, timeout=60)
+    site.protocol = type("Channel", (DeadlineChannel,), {
+        "request_timeout": config.api.request_timeout,
+        "min_data_rate": config.api.min_data_rate})
     site.displayTracebacks = False
     site.noisy = False
     return site
