@@ -138,11 +138,11 @@ def same_boundary(levels: int) -> bytes:
     ("deep comments", b"From: " + b"(" * 200_000 + b"\r\n\r\n", 5.0),
 ])
 def test_adversarial_nesting_costs_bounded_time(name: str, raw: bytes, seconds: float) -> None:
-    started = time.perf_counter()
+    started = time.process_time()
     envelope, bodystructure, _ = structure.imap_structure(raw)
     structure.text_parts(raw)
     structure.section(raw, (1, 1, 1), "")
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert balanced(bodystructure) and balanced(envelope)
     assert elapsed < seconds, f"{name}: {elapsed:.1f} s"
 
@@ -150,12 +150,12 @@ def test_adversarial_nesting_costs_bounded_time(name: str, raw: bytes, seconds: 
 def test_a_fetch_naming_sections_thousands_of_times_splits_the_message_once() -> None:
     raw = nested_multiparts(50_000) + b"X: y\r\n" * 1000
     sections = structure.Sections(raw)
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(3000):  # what a 64 KB FETCH line of BODY.PEEK[1.1] items asks for
         sections.get((1, 1), "")
         sections.get((1,), "MIME")
         sections.get((), "HEADER.FIELDS", ("x",))
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert elapsed < 2.0, elapsed
     assert sections.get((), "") == raw
     assert sections.get((), "HEADER.FIELDS", ("content-type",)) == structure.section(

@@ -149,7 +149,7 @@ def test_decoding_any_wire_string_gives_its_one_name_or_value_error(wire: str) -
     b"t STORE 1:2,3:4," * 4000 + b" FLAGS (\\Seen)",
 ])
 def test_adversarial_commands_are_parsed_or_refused_in_bounded_time(line: bytes) -> None:
-    started = time.perf_counter()
+    started = time.process_time()
     try:
         command = p.parse_command([line])
         if command.name == "SEARCH":
@@ -158,16 +158,16 @@ def test_adversarial_commands_are_parsed_or_refused_in_bounded_time(line: bytes)
         pass
     except p.ParseError:
         pass
-    assert time.perf_counter() - started < 2.0
+    assert time.process_time() - started < 2.0
 
 
 def test_a_search_program_at_the_key_limit_evaluates_in_bounded_time() -> None:
     line = b"t SEARCH " + b"NOT OR SEEN " * ((MAX_SEARCH_KEYS - 1) // 3) + b"ALL"
     key = parse_search(p.parse_command([line]).args)
-    started = time.perf_counter()
+    started = time.process_time()
     for _ in range(100):
         matches(key, search_message(MESSAGE), SearchContext(max_seq=3, max_uid=9))
-    assert time.perf_counter() - started < 2.0
+    assert time.process_time() - started < 2.0
 
 
 @FUZZ
@@ -186,8 +186,8 @@ def test_many_encoded_words_are_decoded_in_linear_time() -> None:
     timings = []
     for count in (20_000, 80_000):
         raw = b"Subject: " + b"=?utf-8?q?ab=C3=A9?= =?punycode?b?YWI=?= " * count + b"\r\n\r\n"
-        started = time.perf_counter()
+        started = time.process_time()
         assert not matches(key, search_message(raw), SearchContext(max_seq=3, max_uid=9))
-        timings.append(time.perf_counter() - started)
+        timings.append(time.process_time() - started)
     # Four times the words may cost up to about four times as much, not sixteen.
     assert timings[1] < 2.0 and timings[1] < 8 * timings[0] + 0.2, timings
