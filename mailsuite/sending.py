@@ -56,16 +56,21 @@ class Outgoing:
     sent_copy: bool = False
 
 
-def check_from(raw: bytes, identities: SenderIdentities, account: str) -> Refused | None:
-    """The sender policy: one From: field, every address in it one the account may use, and
-    no address of anyone else in its display names or comments."""
+def _from_fields(raw: bytes) -> tuple[list[str], list[str]]:
+    """The From: field values and the addresses in them."""
     header, _ = split_message(raw)
     # Read the way receivers read it: "From :" (RFC 5322 4.5 obsolete syntax) counts.
     fields = [f.value for f in header_fields(header) if f.name.strip().lower() == "from"]
+    return fields, [address for _, address in email.utils.getaddresses(fields)]
+
+
+def check_from(fields: list[str], senders: list[str], identities: SenderIdentities,
+               account: str) -> Refused | None:
+    """The sender policy: one From: field, every address in it one the account may use, and
+    no address of anyone else in its display names or comments."""
     if len(fields) > 1:
         return Refused(550, "5.6.0", "Message refused: more than one From: header "
                                      "(RFC 5322 3.6)")
-    senders = [address for _, address in email.utils.getaddresses(fields)]
     if not senders or not all("@" in a for a in senders):
         return Refused(550, "5.6.0", "Message refused: it needs a From: header with an "
                                      "address (RFC 5322 3.6.2)")
@@ -104,7 +109,8 @@ class SigningKeys:
 def prepare(out: Outgoing, keys: SigningKeys, received: bytes) -> Submission | Refused:
     """Check, complete (RFC 6409 8: Date, Message-ID), sign with the From: domain's keys, and
     split by destination."""
-    refused = check_from(out.raw, out.identities, out.account.address)
+    fields, senders = _from_fields(out.raw)
+    refused = check_from(fields, senders, out.identities, out.account.address)
     if refused is not None:
         return refused
     extra = b""
@@ -114,7 +120,8 @@ def prepare(out: Outgoing, keys: SigningKeys, received: bytes) -> Submission | R
     if not has_field(out.raw, "Message-ID"):
         extra += f"Message-ID: <{secrets.token_hex(12)}@{out.hostname}>\r\n".encode()
     try:
-        signed = dkim.sign_message(extra + out.raw, keys.get(_sender_domain(out.raw)))
+        signed = dkim.sign_message(extra + out.raw,
+                                   keys.get(senders[0].rpartition("@")[2].lower()))
     except dkimpy.DKIMException as exc:
         return Refused(550, "5.6.0", f"Message refused: malformed header section ({exc})")
     message = received + signed
@@ -144,10 +151,3 @@ def prepare(out: Outgoing, keys: SigningKeys, received: bytes) -> Submission | R
                         event="sent")
     return Submission(out.queue_id, delivery, outbound, sent)
 
-
-def _sender_domain(raw: bytes) -> str:
-    """The domain of the From: address, whose DKIM keys sign."""
-    header, _ = split_message(raw)
-    fields = [f.value for f in header_fields(header) if f.name.strip().lower() == "from"]
-    senders = [address for _, address in email.utils.getaddresses(fields)]
-    return senders[0].rpartition("@")[2].lower() if senders else ""

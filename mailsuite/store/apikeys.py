@@ -13,7 +13,7 @@ from sqlalchemy import Row, insert, select, update
 from mailsuite import apikeys
 from mailsuite.addresses import parse_account_address, parse_domain
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database
+from mailsuite.store.engine import Database, as_utc
 from mailsuite.store.errors import NotFound
 
 
@@ -38,15 +38,9 @@ def _key(row: Row[Any]) -> ApiKey:
     return ApiKey(
         id=row.id, name=row.name, prefix=row.prefix, scopes=tuple(row.scopes.split()),
         domains=tuple(row.domains.split()), inboxes=tuple(row.inboxes.split()),
-        created_at=_utc(row.created_at), expires_at=_utc(row.expires_at),
-        revoked_at=_utc(row.revoked_at))
+        created_at=as_utc(row.created_at), expires_at=as_utc(row.expires_at),
+        revoked_at=as_utc(row.revoked_at))
 
-
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite gives naive datetimes back; every time we store is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 class ApiKeysMixin:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from mailsuite.addresses import parse_account_address, parse_domain
 from mailsuite.ids import new_id
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database
+from mailsuite.store.engine import Database, as_utc
 from mailsuite.store.errors import Conflict, InUse, NotFound
 from mailsuite.store.mail import MailMixin
 from mailsuite.store.mailboxes import MailboxesMixin
@@ -71,17 +71,13 @@ class AliasRow:
 NO_PASSWORD = "!"
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite gives naive datetimes back; every time we store is UTC.
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
 
 def _domain_row(row: Any) -> DomainRow:
-    return DomainRow(row.id, row.api_id, row.name, _utc(row.created_at), _utc(row.verified_at))
+    return DomainRow(row.id, row.api_id, row.name, as_utc(row.created_at), as_utc(row.verified_at))
 
 
 def _inbox_row(row: Any) -> InboxRow:
-    return InboxRow(row.id, row.api_id, row.address, row.display_name, _utc(row.created_at))
+    return InboxRow(row.id, row.api_id, row.address, row.display_name, as_utc(row.created_at))
 
 
 def _reach(domains: Sequence[str], addresses: Sequence[str]) -> Any:

@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,14 @@ _MIGRATION_LOCK_KEY = 0x6D61696C  # "mail"
 CHANGE_CHANNEL = "mailsuite_mailbox"
 _CHANGED = "mailsuite_changed_mailboxes"
 T = TypeVar("T")
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime: SQLite hands back naive ones, and everything
+    we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def mark_changed(conn: Connection, mailbox_id: int) -> None:

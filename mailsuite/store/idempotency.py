@@ -10,7 +10,7 @@ from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database
+from mailsuite.store.engine import Database, as_utc
 
 #: how long a stored answer is replayed
 KEEP = timedelta(hours=24)
@@ -52,9 +52,7 @@ class IdempotencyMixin:
                 return Idempotency("mismatch")
             if row.status is not None:
                 return Idempotency("replay", row.status, row.body)
-            created = row.created_at.replace(tzinfo=UTC) if row.created_at.tzinfo is None \
-                else row.created_at
-            if created > now - ABANDONED:
+            if as_utc(row.created_at) > now - ABANDONED:
                 return Idempotency("in_progress")
             conn.execute(update(t.idempotency).where(where).values(created_at=now))
             return Idempotency("run")

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, select, update
 
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database, mark_changed
+from mailsuite.store.engine import Database, as_utc, mark_changed
 from mailsuite.store.errors import NotFound
 
 
@@ -193,7 +193,7 @@ class MailMixin:
             uid, flags, date, size, modseq = row[:5]
             structure = tuple(row[5:8]) if with_structure else None
             raw = row[-1] if with_raw else None
-            out.append(FetchRow(uid, flags, _utc(date), size, modseq, structure, raw))
+            out.append(FetchRow(uid, flags, as_utc(date), size, modseq, structure, raw))
         return out
 
     def message_blobs(self, mailbox_id: int, uids: list[int]) -> dict[int, bytes]:
@@ -411,7 +411,7 @@ class MailMixin:
         )
         with self.db.read() as conn:
             rows = conn.execute(query).all()
-        return [StoredMessage(uid, modseq, flags, _utc(date), size, blob_id, raw)
+        return [StoredMessage(uid, modseq, flags, as_utc(date), size, blob_id, raw)
                 for uid, modseq, flags, date, size, blob_id, raw in rows]
 
 
@@ -423,7 +423,3 @@ def _uid_filter(chunk: list[int]) -> Any:
         return t.messages.c.uid.between(low, high)
     return t.messages.c.uid.in_(chunk)
 
-
-def _utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

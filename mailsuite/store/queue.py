@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
 
 from mailsuite.store import schema as t
-from mailsuite.store.engine import Database
+from mailsuite.store.engine import Database, as_utc
 from mailsuite.store.mail import Delivery
 
 r = t.outbound_recipients
@@ -183,7 +183,7 @@ class QueueMixin:
             jobs.setdefault(row.oid, (row, []))[1].append(
                 QueuedRecipient(row.id, row.recipient, row.domain, row.attempts))
         return [Job(row.oid, row.queue_id, row.kind, row.sender, row.return_to, row.account_id,
-                    row.smtputf8, row.eightbit, row.size, _utc(row.created_at), tuple(rcpts),
+                    row.smtputf8, row.eightbit, row.size, as_utc(row.created_at), tuple(rcpts),
                     data.get(row.oid))
                 for row, rcpts in jobs.values()]
 
@@ -301,9 +301,9 @@ class QueueMixin:
         with self.db.read() as conn:
             for row in conn.execute(query):
                 entries.setdefault(row.queue_id, (row, []))[1].append(
-                    (row.recipient, row.state, row.attempts, _utc(row.next_attempt_at),
+                    (row.recipient, row.state, row.attempts, as_utc(row.next_attempt_at),
                      row.last_reply))
-        return [QueueEntry(row.queue_id, _utc(row.created_at), row.kind, row.sender, row.size,
+        return [QueueEntry(row.queue_id, as_utc(row.created_at), row.kind, row.sender, row.size,
                            tuple(rcpts)) for row, rcpts in entries.values()]
 
     def queue_depth(self) -> dict[str, int]:
@@ -352,7 +352,4 @@ def _event(now: datetime, kind: str, account_id: int | None, detail: dict) -> di
     return {"created_at": now, "kind": kind, "account_id": account_id,
             "detail": json.dumps(detail)}
 
-
-def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
